@@ -42,6 +42,7 @@ impl Timestamp {
     }
 
     /// `self + d`, saturating.
+    #[must_use]
     pub fn saturating_add(self, d: Duration) -> Self {
         Self(
             self.0
@@ -79,7 +80,7 @@ mod tests {
         assert_eq!(Timestamp::ZERO.saturating_since(t), Duration::ZERO);
         assert_eq!(
             Timestamp::from_nanos(1_500).saturating_since(Timestamp::from_nanos(500)),
-            Duration::from_nanos(1_000)
+            Duration::from_micros(1)
         );
         assert_eq!(
             Timestamp::from_nanos(1_000_000_123).to_string(),
