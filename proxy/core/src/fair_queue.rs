@@ -14,7 +14,9 @@
 //! - When a tenant becomes backlogged, its counter is lifted to the smallest
 //!   counter among backlogged tenants (or, if none is backlogged, to the
 //!   counter of the tenant served last), so idle time is never banked: a
-//!   tenant that was away cannot come back and monopolise the server.
+//!   tenant that was away cannot come back and monopolise the server. It
+//!   lands one unit below that counter, so it is served next, not after a
+//!   tie-break.
 //!
 //! Counters are exact integers: a charge adds `cost × SCALE / weight`, and the
 //! remainder of the division is carried to the next charge, so no service is
@@ -267,8 +269,10 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
         );
         self.locations.insert(id, (slot, seq));
         if was_idle {
-            // Lift: time spent idle is not banked as credit.
-            state.counter = state.counter.max(floor);
+            // Lift: time spent idle is not banked as credit. The newcomer lands
+            // one unit (2^-20 token) below the least-served backlogged tenant, so
+            // it goes next rather than behind that tenant's whole head request.
+            state.counter = state.counter.max(floor.saturating_sub(1));
         }
         self.reposition(slot);
         Ok(())
@@ -292,22 +296,44 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
     /// Takes the next request in fair order, charging its prompt tokens.
     pub fn dequeue(&mut self) -> Option<Dequeued<K, T>> {
         let &(_, _, slot) = self.backlogged.first()?;
+        Some(self.pop(slot))
+    }
+
+    /// Takes the head request of one tenant, out of fair order, charging its
+    /// prompt tokens: for a worker dedicated to that tenant, or for a tenant
+    /// the dispatcher lets preempt because it is far under its share.
+    pub fn dequeue_from(&mut self, tenant: &TenantId) -> Option<Dequeued<K, T>> {
+        let &slot = self.slots.get(tenant)?;
+        if self.tenants[slot].queue.is_empty() {
+            return None;
+        }
+        Some(self.pop(slot))
+    }
+
+    /// The tenants with queued requests, least served first.
+    pub fn backlogged(&self) -> impl Iterator<Item = &TenantId> {
+        self.backlogged
+            .iter()
+            .map(|&(_, _, slot)| &self.tenants[slot].id)
+    }
+
+    fn pop(&mut self, slot: usize) -> Dequeued<K, T> {
         let state = &mut self.tenants[slot];
         let (_, entry) = state
             .queue
             .pop_first()
-            .expect("a backlogged tenant has a queued request");
+            .expect("pop is called on a backlogged tenant");
         state.charge(self.weights.cost(u64::from(entry.prompt_tokens), 0));
         let tenant = state.id.clone();
         self.last_served = self.last_served.max(state.counter);
         self.locations.remove(&entry.id);
         self.reposition(slot);
-        Some(Dequeued {
+        Dequeued {
             id: entry.id,
             tenant,
             prompt_tokens: entry.prompt_tokens,
             payload: entry.payload,
-        })
+        }
     }
 
     /// Charges `tokens` generated tokens to `tenant`, as they are produced.

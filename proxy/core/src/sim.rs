@@ -21,7 +21,7 @@ pub use self::{
     server::ServerModel,
 };
 
-use self::server::Server;
+use self::server::{Event, Server};
 use crate::fair_queue::ServiceWeights;
 use crate::{TenantId, Timestamp};
 use std::collections::HashMap;
@@ -183,10 +183,10 @@ struct Run<'a> {
     slot: HashMap<TenantId, usize>,
     weights: HashMap<TenantId, u32>,
     reports: Vec<TenantReport>,
-    /// Queued: arrival time, generated length, whether it was admitted before (preempted).
-    waiting: HashMap<u64, (Timestamp, u32, bool)>,
-    /// In the server's batch: arrival time, generated length.
-    running: HashMap<u64, (Timestamp, u32)>,
+    /// Queued: arrival time, and whether it was admitted before (then preempted).
+    waiting: HashMap<u64, (Timestamp, bool)>,
+    /// In the server's batch: arrival time.
+    running: HashMap<u64, Timestamp>,
     refused: usize,
     finished: usize,
 }
@@ -243,9 +243,10 @@ impl<'a> Run<'a> {
             tenant: load.id.clone(),
             prompt_tokens: a.prompt_tokens,
             max_tokens: load.output_tokens.1,
+            output_tokens: a.output_tokens,
         };
         if self.scheduler.enqueue(ticket) {
-            self.waiting.insert(id, (a.at, a.output_tokens, false));
+            self.waiting.insert(id, (a.at, false));
         } else {
             self.refused += 1;
             if measured {
@@ -261,36 +262,38 @@ impl<'a> Run<'a> {
             .iter()
             .map(|t| self.scheduler.queued(&t.id) > 0)
             .collect();
-        let waiting = &self.waiting;
         let outcome = self.server.step(
             &self.scenario.server,
             self.policy.preempts(),
             &mut self.scheduler,
             &self.weights,
-            |t| waiting.get(&t.id).expect("an admitted request was waiting").1,
         );
-        for ticket in &outcome.admitted {
-            let (arrived, len, preempted) = self
-                .waiting
-                .remove(&ticket.id)
-                .expect("an admitted request was waiting");
-            let fresh = self.running.insert(ticket.id, (arrived, len)).is_none();
-            assert!(fresh, "request {} admitted twice", ticket.id);
-            if arrived >= self.warmup {
-                let report = &mut self.reports[self.slot[&ticket.tenant]];
-                if preempted {
-                    report.preempted += 1;
-                } else {
-                    report.queue_delays.push(now.saturating_since(arrived));
+        for event in &outcome.events {
+            match event {
+                Event::Admitted(ticket) => {
+                    let (arrived, preempted) = self
+                        .waiting
+                        .remove(&ticket.id)
+                        .expect("an admitted request was waiting");
+                    let fresh = self.running.insert(ticket.id, arrived).is_none();
+                    assert!(fresh, "request {} admitted twice", ticket.id);
+                    if arrived >= self.warmup {
+                        let report = &mut self.reports[self.slot[&ticket.tenant]];
+                        if preempted {
+                            report.preempted += 1;
+                        } else {
+                            report.queue_delays.push(now.saturating_since(arrived));
+                        }
+                    }
+                }
+                Event::Preempted(ticket) => {
+                    let arrived = self
+                        .running
+                        .remove(&ticket.id)
+                        .expect("a preempted request was running");
+                    self.waiting.insert(ticket.id, (arrived, true));
                 }
             }
-        }
-        for ticket in &outcome.preempted {
-            let (arrived, len) = self
-                .running
-                .remove(&ticket.id)
-                .expect("a preempted request was running");
-            self.waiting.insert(ticket.id, (arrived, len, true));
         }
         for ticket in &outcome.finished {
             self.running

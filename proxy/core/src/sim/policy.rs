@@ -49,6 +49,9 @@ pub struct Ticket {
     pub prompt_tokens: u32,
     /// Requested output limit (the seed's cost estimate uses it).
     pub max_tokens: u32,
+    /// Tokens the request will actually generate: known to the simulated
+    /// server (it stops there), never used by a scheduling policy.
+    pub output_tokens: u32,
 }
 
 /// A queue under one of the [`Policy`]s, behind one interface.
@@ -125,6 +128,19 @@ impl Scheduler {
                 Some(t)
             }
             Self::SeedWfq(q) => q.dequeue(),
+        }
+    }
+
+    /// Takes the head request of `tenant`, out of the policy's order.
+    pub fn dequeue_from(&mut self, tenant: &TenantId) -> Option<Ticket> {
+        match self {
+            Self::Vtc(q) => q.dequeue_from(tenant).map(|d| d.payload),
+            Self::Fifo { queue, queued } => {
+                let at = queue.iter().position(|t| &t.tenant == tenant)?;
+                queued.get_mut(tenant).expect("registered tenant").0 -= 1;
+                queue.remove(at)
+            }
+            Self::SeedWfq(q) => q.dequeue_from(tenant),
         }
     }
 
@@ -288,6 +304,19 @@ impl SortingWfq {
             self.sort();
         }
         self.queue.last().map(|(_, t)| t.tenant.clone())
+    }
+
+    /// Takes the first request of `tenant` in tag order.
+    pub fn dequeue_from(&mut self, tenant: &TenantId) -> Option<Ticket> {
+        if !self.sorted {
+            self.sort();
+        }
+        let at = self.queue.iter().rposition(|(_, t)| &t.tenant == tenant)?;
+        let (_, ticket) = self.queue.remove(at);
+        if let Some(t) = self.tenants.get_mut(tenant) {
+            t.queued -= 1;
+        }
+        Some(ticket)
     }
 
     /// Puts a preempted ticket back first in line (tag below every queued one).

@@ -46,13 +46,20 @@ pub(super) struct Running {
     admitted_at: u64,
 }
 
+/// A change of a request's state within a step.
+#[derive(Debug)]
+pub(super) enum Event {
+    /// Taken from the scheduler into the batch.
+    Admitted(Ticket),
+    /// Taken out of the batch and put back at the head of its tenant's queue.
+    Preempted(Ticket),
+}
+
 /// What one step did, for the simulation's accounting.
 #[derive(Debug, Default)]
 pub(super) struct StepOutcome {
-    /// Requests admitted this step.
-    pub(super) admitted: Vec<Ticket>,
-    /// Requests preempted this step (back in the scheduler's queue).
-    pub(super) preempted: Vec<Ticket>,
+    /// Admissions and preemptions, in the order they happened.
+    pub(super) events: Vec<Event>,
     /// Service this step per tenant: (tenant, prompt tokens, output tokens).
     pub(super) processed: Vec<(TenantId, u32, u32)>,
     /// Requests that produced their last token this step.
@@ -69,15 +76,13 @@ pub(super) struct Server {
 impl Server {
     /// Runs one step, taking new work from `scheduler`.
     ///
-    /// `weights` gives each tenant's scheduling weight (for preemption shares);
-    /// `output_len` the number of tokens a newly admitted request will generate.
+    /// `weights` gives each tenant's scheduling weight (for preemption shares).
     pub(super) fn step(
         &mut self,
         model: &ServerModel,
         preempt: bool,
         scheduler: &mut Scheduler,
         weights: &HashMap<TenantId, u32>,
-        mut output_len: impl FnMut(&Ticket) -> u32,
     ) -> StepOutcome {
         let mut out = StepOutcome::default();
         let mut budget = model.tokens_per_step;
@@ -91,20 +96,24 @@ impl Server {
             }
         }
         self.retire(&mut out);
-        // Admit while a slot is free, or can be freed by preemption.
-        while let Some(next) = scheduler.peek_tenant() {
-            if self.running.len() >= model.max_seqs
-                && !(preempt && self.preempt_for(&next, model, scheduler, weights, &mut out))
-            {
+        // Admit in the scheduler's order while a slot is free; when none is,
+        // a tenant far under its share may still get one by preemption.
+        loop {
+            let ticket = if self.running.len() < model.max_seqs {
+                scheduler.dequeue()
+            } else if preempt {
+                self.preempt_for_entitled(model, scheduler, weights, &mut out)
+            } else {
+                None
+            };
+            let Some(ticket) = ticket else {
                 break;
-            }
-            let ticket = scheduler.dequeue().expect("peeked");
-            let output_left = output_len(&ticket);
-            out.admitted.push(ticket.clone());
+            };
+            out.events.push(Event::Admitted(ticket.clone()));
             self.admissions += 1;
             self.running.push(Running {
                 prefill_left: ticket.prompt_tokens,
-                output_left,
+                output_left: ticket.output_tokens,
                 ticket,
                 admitted_at: self.admissions,
             });
@@ -143,43 +152,49 @@ impl Server {
         }
     }
 
-    /// Frees a slot for `claimant` if it holds under half its weighted share of
-    /// slots and another tenant holds more than its share. Returns whether it did.
+    /// Finds the least-served queued tenant that holds under half of its
+    /// weighted share of slots, frees a slot for it from the tenant most over
+    /// its share, and returns that tenant's head request.
     #[expect(clippy::cast_precision_loss, reason = "slot shares are small numbers")]
-    fn preempt_for(
+    fn preempt_for_entitled(
         &mut self,
-        claimant: &TenantId,
         model: &ServerModel,
         scheduler: &mut Scheduler,
         weights: &HashMap<TenantId, u32>,
         out: &mut StepOutcome,
-    ) -> bool {
+    ) -> Option<Ticket> {
         let mut held: HashMap<&TenantId, usize> = HashMap::new();
         for seq in &self.running {
             *held.entry(&seq.ticket.tenant).or_default() += 1;
         }
-        held.entry(claimant).or_default();
-        let total_weight: f64 = held.keys().map(|t| f64::from(weights[*t])).sum();
+        let mut waiting: Vec<&TenantId> =
+            weights.keys().filter(|t| scheduler.queued(t) > 0).collect();
+        waiting.sort_by_key(|t| (scheduler.priority(t), t.as_str()));
+        let demanding: Vec<&TenantId> = weights
+            .keys()
+            .filter(|t| held.contains_key(t) || scheduler.queued(t) > 0)
+            .collect();
+        let total_weight: f64 = demanding.iter().map(|t| f64::from(weights[*t])).sum();
         let share = |t: &TenantId| model.max_seqs as f64 * f64::from(weights[t]) / total_weight;
-        if held[claimant] as f64 >= share(claimant) / 2.0 {
-            return false;
-        }
+        let held_by = |t: &TenantId| held.get(t).copied().unwrap_or(0) as f64;
+        let claimant = waiting
+            .into_iter()
+            .find(|t| held_by(t) < share(t) / 2.0)?
+            .clone();
         let victim = held
-            .iter()
-            .map(|(t, n)| (*n as f64 - share(t), *t))
+            .keys()
+            .map(|t| (held_by(t) - share(t), *t))
             .filter(|(over, _)| *over > 0.0)
-            .max_by(|a, b| a.0.total_cmp(&b.0))
-            .map(|(_, t)| t.clone());
-        let Some(victim) = victim else {
-            return false;
-        };
+            .max_by(|a, b| a.0.total_cmp(&b.0).then_with(|| b.1.cmp(a.1)))?
+            .1
+            .clone();
         let youngest = (0..self.running.len())
             .filter(|&i| self.running[i].ticket.tenant == victim)
             .max_by_key(|&i| self.running[i].admitted_at)
             .expect("the victim holds a slot");
         let seq = self.running.remove(youngest);
-        out.preempted.push(seq.ticket.clone());
+        out.events.push(Event::Preempted(seq.ticket.clone()));
         scheduler.requeue_front(seq.ticket);
-        true
+        scheduler.dequeue_from(&claimant)
     }
 }
