@@ -24,12 +24,15 @@
 //!
 //! Backlogged tenants sit in an ordered set keyed by `(counter, sequence
 //! number of their head request, slot)`; ties go to the older head request.
-//! Each tenant's own queue is FIFO and supports removal by request id, so
-//! [`FairQueue::cancel`] is O(log n) as well.
+//! Each tenant's own queue is a FIFO ring buffer. [`FairQueue::enqueue`]
+//! returns a [`QueueHandle`] naming the request's tenant slot and sequence
+//! number, so [`FairQueue::cancel`] finds it by binary search in that one
+//! tenant's queue: no global index of requests, whose random accesses would
+//! cost a cache miss on every operation at a million queued requests.
 
+use self::tenant_queue::TenantQueue;
 use crate::TenantId;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::Hash;
+use std::collections::{BTreeSet, HashMap};
 
 /// Fixed-point scale of the counters: one token of cost at weight 1 adds `SCALE`.
 pub const SCALE: u128 = 1 << 20;
@@ -63,6 +66,16 @@ impl ServiceWeights {
     }
 }
 
+/// Names one queued request, for [`FairQueue::cancel`].
+///
+/// Sequence numbers are never reused, so a stale handle (of a request already
+/// dequeued or cancelled, or of a removed tenant) finds nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QueueHandle {
+    slot: u32,
+    seq: u64,
+}
+
 /// Why a request was not queued. The payload is handed back: nothing accepted is lost.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum EnqueueError<T> {
@@ -77,27 +90,20 @@ pub enum EnqueueError<T> {
         /// The request that did not fit.
         payload: T,
     },
-    /// A request with the same id is already queued.
-    #[error("a request with this id is already queued")]
-    DuplicateId(T),
 }
 
 impl<T> EnqueueError<T> {
     /// The payload of the request that was refused.
     pub fn into_payload(self) -> T {
         match self {
-            Self::UnknownTenant(p)
-            | Self::BacklogFull { payload: p, .. }
-            | Self::DuplicateId(p) => p,
+            Self::UnknownTenant(p) | Self::BacklogFull { payload: p, .. } => p,
         }
     }
 }
 
 /// A request taken off the queue by [`FairQueue::dequeue`].
 #[derive(Debug, PartialEq, Eq)]
-pub struct Dequeued<K, T> {
-    /// The request's id.
-    pub id: K,
+pub struct Dequeued<T> {
     /// The tenant it belongs to.
     pub tenant: TenantId,
     /// Its prompt length in tokens (already charged).
@@ -107,14 +113,13 @@ pub struct Dequeued<K, T> {
 }
 
 #[derive(Debug)]
-struct Entry<K, T> {
-    id: K,
+struct Entry<T> {
     prompt_tokens: u32,
     payload: T,
 }
 
 #[derive(Debug)]
-struct TenantState<K, T> {
+struct TenantState<T> {
     id: TenantId,
     weight: u32,
     max_queued: u32,
@@ -122,13 +127,13 @@ struct TenantState<K, T> {
     counter: u128,
     /// Remainder of `cost × SCALE` not yet divided by `weight`; always `< weight`.
     remainder: u128,
-    /// Queued requests by global sequence number (FIFO order).
-    queue: BTreeMap<u64, Entry<K, T>>,
+    /// Queued requests in FIFO order.
+    queue: TenantQueue<Entry<T>>,
     /// The key under which this tenant sits in `backlogged`, if it is backlogged.
     backlog_key: Option<(u128, u64)>,
 }
 
-impl<K, T> TenantState<K, T> {
+impl<T> TenantState<T> {
     fn charge(&mut self, cost: u128) {
         let scaled = cost * SCALE + self.remainder;
         let weight = u128::from(self.weight);
@@ -138,17 +143,16 @@ impl<K, T> TenantState<K, T> {
 }
 
 /// Weighted fair queue of requests across tenants (see the module docs).
-///
-/// `K` is the request id (unique among queued requests), `T` the payload.
 #[derive(Debug)]
-pub struct FairQueue<K, T> {
+pub struct FairQueue<T> {
     weights: ServiceWeights,
-    tenants: Vec<TenantState<K, T>>,
+    /// Tenant states by slot; `None` for a slot freed by [`FairQueue::remove_tenant`].
+    tenants: Vec<Option<TenantState<T>>>,
+    free_slots: Vec<usize>,
     slots: HashMap<TenantId, usize>,
     /// Backlogged tenants ordered by (counter, head sequence number, slot).
     backlogged: BTreeSet<(u128, u64, usize)>,
-    /// Where each queued request is: (tenant slot, sequence number).
-    locations: HashMap<K, (usize, u64)>,
+    len: usize,
     next_seq: u64,
     /// Sequence numbers for requests put back at the front, counting down.
     front_seq: u64,
@@ -156,15 +160,16 @@ pub struct FairQueue<K, T> {
     last_served: u128,
 }
 
-impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
+impl<T> FairQueue<T> {
     /// An empty queue charging service with `weights`.
     pub fn new(weights: ServiceWeights) -> Self {
         Self {
             weights,
             tenants: Vec::new(),
+            free_slots: Vec::new(),
             slots: HashMap::new(),
             backlogged: BTreeSet::new(),
-            locations: HashMap::new(),
+            len: 0,
             next_seq: FRONT,
             front_seq: FRONT,
             last_served: 0,
@@ -181,36 +186,41 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
     pub fn set_tenant(&mut self, tenant: &TenantId, weight: u32, max_queued: u32) {
         assert!(weight > 0, "tenant {tenant}: weight must be positive");
         if let Some(&slot) = self.slots.get(tenant) {
-            let state = &mut self.tenants[slot];
+            let state = self.state_mut(slot);
             // Keep the carried remainder meaningful under the new divisor.
             state.remainder = state.remainder.min(u128::from(weight) - 1);
             state.weight = weight;
             state.max_queued = max_queued;
             return;
         }
-        let slot = self.tenants.len();
-        self.tenants.push(TenantState {
+        let state = TenantState {
             id: tenant.clone(),
             weight,
             max_queued,
-            // A newcomer starts level with the others, not behind them.
+            // A newcomer starts level with the others, not ahead of them.
             counter: self.floor(),
             remainder: 0,
-            queue: BTreeMap::new(),
+            queue: TenantQueue::default(),
             backlog_key: None,
-        });
+        };
+        let slot = if let Some(slot) = self.free_slots.pop() {
+            self.tenants[slot] = Some(state);
+            slot
+        } else {
+            self.tenants.push(Some(state));
+            self.tenants.len() - 1
+        };
         self.slots.insert(tenant.clone(), slot);
     }
 
     /// Queues a request of `tenant` with a prompt of `prompt_tokens` tokens.
     pub fn enqueue(
         &mut self,
-        id: K,
         tenant: &TenantId,
         prompt_tokens: u32,
         payload: T,
-    ) -> Result<(), EnqueueError<T>> {
-        self.insert(id, tenant, prompt_tokens, payload, false)
+    ) -> Result<QueueHandle, EnqueueError<T>> {
+        self.insert(tenant, prompt_tokens, payload, false)
     }
 
     /// Puts a request that was dequeued and then preempted back at the head of
@@ -221,80 +231,67 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
     /// not apply: the request was accepted once and is not refused now.
     pub fn requeue_front(
         &mut self,
-        id: K,
         tenant: &TenantId,
         prompt_tokens: u32,
         payload: T,
-    ) -> Result<(), EnqueueError<T>> {
-        self.insert(id, tenant, prompt_tokens, payload, true)
+    ) -> Result<QueueHandle, EnqueueError<T>> {
+        self.insert(tenant, prompt_tokens, payload, true)
     }
 
     fn insert(
         &mut self,
-        id: K,
         tenant: &TenantId,
         prompt_tokens: u32,
         payload: T,
         front: bool,
-    ) -> Result<(), EnqueueError<T>> {
+    ) -> Result<QueueHandle, EnqueueError<T>> {
         let Some(&slot) = self.slots.get(tenant) else {
             return Err(EnqueueError::UnknownTenant(payload));
         };
-        if self.locations.contains_key(&id) {
-            return Err(EnqueueError::DuplicateId(payload));
-        }
         let floor = self.floor();
-        let state = &mut self.tenants[slot];
+        let seq = if front {
+            self.front_seq - 1
+        } else {
+            self.next_seq + 1
+        };
+        let state = self.state_mut(slot);
         if !front && state.queue.len() >= state.max_queued as usize {
             return Err(EnqueueError::BacklogFull {
                 cap: state.max_queued,
                 payload,
             });
         }
-        let seq = if front {
-            self.front_seq -= 1;
-            self.front_seq
-        } else {
-            self.next_seq += 1;
-            self.next_seq
-        };
         let was_idle = state.queue.is_empty();
-        state.queue.insert(
-            seq,
-            Entry {
-                id,
-                prompt_tokens,
-                payload,
-            },
-        );
-        self.locations.insert(id, (slot, seq));
+        let entry = Entry {
+            prompt_tokens,
+            payload,
+        };
+        if front {
+            state.queue.push_front(seq, entry);
+        } else {
+            state.queue.push_back(seq, entry);
+        }
         if was_idle {
             // Lift: time spent idle is not banked as credit. The newcomer lands
             // one unit (2^-20 token) below the least-served backlogged tenant, so
             // it goes next rather than behind that tenant's whole head request.
             state.counter = state.counter.max(floor.saturating_sub(1));
         }
+        if front {
+            self.front_seq = seq;
+        } else {
+            self.next_seq = seq;
+        }
+        self.len += 1;
         self.reposition(slot);
-        Ok(())
-    }
-
-    /// The tenant whose request [`FairQueue::dequeue`] would return next.
-    pub fn peek_tenant(&self) -> Option<&TenantId> {
-        let &(_, _, slot) = self.backlogged.first()?;
-        Some(&self.tenants[slot].id)
-    }
-
-    /// The tenant's service counter in the queue's internal fixed-point units;
-    /// lower means less served. For ordering work across tenants (e.g. which
-    /// prefill runs first in a batch), never for display.
-    pub fn priority(&self, tenant: &TenantId) -> Option<u128> {
-        self.slots
-            .get(tenant)
-            .map(|&slot| self.tenants[slot].counter)
+        Ok(QueueHandle {
+            slot: u32::try_from(slot).expect("fewer than 2^32 tenants"),
+            seq,
+        })
     }
 
     /// Takes the next request in fair order, charging its prompt tokens.
-    pub fn dequeue(&mut self) -> Option<Dequeued<K, T>> {
+    pub fn dequeue(&mut self) -> Option<Dequeued<T>> {
         let &(_, _, slot) = self.backlogged.first()?;
         Some(self.pop(slot))
     }
@@ -302,9 +299,9 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
     /// Takes the head request of one tenant, out of fair order, charging its
     /// prompt tokens: for a worker dedicated to that tenant, or for a tenant
     /// the dispatcher lets preempt because it is far under its share.
-    pub fn dequeue_from(&mut self, tenant: &TenantId) -> Option<Dequeued<K, T>> {
+    pub fn dequeue_from(&mut self, tenant: &TenantId) -> Option<Dequeued<T>> {
         let &slot = self.slots.get(tenant)?;
-        if self.tenants[slot].queue.is_empty() {
+        if self.state(slot).queue.is_empty() {
             return None;
         }
         Some(self.pop(slot))
@@ -314,22 +311,23 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
     pub fn backlogged(&self) -> impl Iterator<Item = &TenantId> {
         self.backlogged
             .iter()
-            .map(|&(_, _, slot)| &self.tenants[slot].id)
+            .map(|&(_, _, slot)| &self.state(slot).id)
     }
 
-    fn pop(&mut self, slot: usize) -> Dequeued<K, T> {
-        let state = &mut self.tenants[slot];
+    fn pop(&mut self, slot: usize) -> Dequeued<T> {
+        let cost_weights = self.weights;
+        let state = self.state_mut(slot);
         let (_, entry) = state
             .queue
-            .pop_first()
+            .pop_front()
             .expect("pop is called on a backlogged tenant");
-        state.charge(self.weights.cost(u64::from(entry.prompt_tokens), 0));
+        state.charge(cost_weights.cost(u64::from(entry.prompt_tokens), 0));
         let tenant = state.id.clone();
-        self.last_served = self.last_served.max(state.counter);
-        self.locations.remove(&entry.id);
+        let counter = state.counter;
+        self.last_served = self.last_served.max(counter);
+        self.len -= 1;
         self.reposition(slot);
         Dequeued {
-            id: entry.id,
             tenant,
             prompt_tokens: entry.prompt_tokens,
             payload: entry.payload,
@@ -354,70 +352,69 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
         let cost = self
             .weights
             .cost(u64::from(prompt_tokens), u64::from(output_tokens));
-        self.tenants[slot].charge(cost);
-        if self.tenants[slot].backlog_key.is_some() {
+        let state = self.state_mut(slot);
+        state.charge(cost);
+        if state.backlog_key.is_some() {
             self.reposition(slot);
         }
         true
     }
 
-    /// Removes a queued request; returns its payload, or `None` if it is not queued.
-    pub fn cancel(&mut self, id: &K) -> Option<T> {
-        let (slot, seq) = self.locations.remove(id)?;
-        let entry = self.tenants[slot]
+    /// Removes a queued request; returns its payload, or `None` if it is no
+    /// longer queued (dequeued, cancelled, or its tenant removed).
+    pub fn cancel(&mut self, handle: QueueHandle) -> Option<T> {
+        let slot = handle.slot as usize;
+        let entry = self
+            .tenants
+            .get_mut(slot)?
+            .as_mut()?
             .queue
-            .remove(&seq)
-            .expect("location map and tenant queue agree");
+            .remove(handle.seq)?;
+        self.len -= 1;
         self.reposition(slot);
         Some(entry.payload)
+    }
+
+    /// Whether the request `handle` names is still queued.
+    pub fn contains(&self, handle: QueueHandle) -> bool {
+        self.tenants
+            .get(handle.slot as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(|s| s.queue.contains(handle.seq))
     }
 
     /// Unregisters a tenant, handing back its queued requests in FIFO order.
     ///
     /// Its counter is forgotten; if it is registered again it starts level with the others.
-    pub fn remove_tenant(&mut self, tenant: &TenantId) -> Vec<(K, T)> {
+    pub fn remove_tenant(&mut self, tenant: &TenantId) -> Vec<T> {
         let Some(slot) = self.slots.remove(tenant) else {
             return Vec::new();
         };
-        if let Some((counter, seq)) = self.tenants[slot].backlog_key.take() {
+        let mut state = self.tenants[slot].take().expect("a registered slot");
+        if let Some((counter, seq)) = state.backlog_key {
             self.backlogged.remove(&(counter, seq, slot));
         }
-        let removed = std::mem::take(&mut self.tenants[slot].queue);
-        for entry in removed.values() {
-            self.locations.remove(&entry.id);
-        }
-        // Keep slots dense: move the last tenant into the freed slot.
-        let last = self.tenants.len() - 1;
-        self.tenants.swap_remove(slot);
-        if slot != last {
-            let moved = &self.tenants[slot];
-            self.slots.insert(moved.id.clone(), slot);
-            if let Some((counter, seq)) = moved.backlog_key {
-                self.backlogged.remove(&(counter, seq, last));
-                self.backlogged.insert((counter, seq, slot));
-            }
-            for (&seq, entry) in &moved.queue {
-                self.locations.insert(entry.id, (slot, seq));
-            }
-        }
-        removed.into_values().map(|e| (e.id, e.payload)).collect()
+        self.free_slots.push(slot);
+        let removed: Vec<T> = state.queue.drain().map(|e| e.payload).collect();
+        self.len -= removed.len();
+        removed
     }
 
     /// Number of queued requests over all tenants.
     pub fn len(&self) -> usize {
-        self.locations.len()
+        self.len
     }
 
     /// Whether no request is queued.
     pub fn is_empty(&self) -> bool {
-        self.locations.is_empty()
+        self.len == 0
     }
 
     /// Number of queued requests of `tenant` (zero for an unknown tenant).
     pub fn queued(&self, tenant: &TenantId) -> usize {
         self.slots
             .get(tenant)
-            .map_or(0, |&slot| self.tenants[slot].queue.len())
+            .map_or(0, |&slot| self.state(slot).queue.len())
     }
 
     /// Number of tenants with at least one queued request.
@@ -425,16 +422,32 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
         self.backlogged.len()
     }
 
-    /// Whether a request with this id is queued.
-    pub fn contains(&self, id: &K) -> bool {
-        self.locations.contains_key(id)
+    /// The tenant whose request [`FairQueue::dequeue`] would return next.
+    pub fn peek_tenant(&self) -> Option<&TenantId> {
+        let &(_, _, slot) = self.backlogged.first()?;
+        Some(&self.state(slot).id)
+    }
+
+    /// The tenant's service counter in the queue's internal fixed-point units;
+    /// lower means less served. For ordering work across tenants (e.g. which
+    /// prefill runs first in a batch), never for display.
+    pub fn priority(&self, tenant: &TenantId) -> Option<u128> {
+        self.slots.get(tenant).map(|&slot| self.state(slot).counter)
     }
 
     /// The tenant's weight-normalised service counter, in tokens (for reports).
     #[expect(clippy::cast_precision_loss, reason = "reporting only")]
     pub fn counter(&self, tenant: &TenantId) -> Option<f64> {
         let slot = *self.slots.get(tenant)?;
-        Some(self.tenants[slot].counter as f64 / SCALE as f64)
+        Some(self.state(slot).counter as f64 / SCALE as f64)
+    }
+
+    fn state(&self, slot: usize) -> &TenantState<T> {
+        self.tenants[slot].as_ref().expect("a registered slot")
+    }
+
+    fn state_mut(&mut self, slot: usize) -> &mut TenantState<T> {
+        self.tenants[slot].as_mut().expect("a registered slot")
     }
 
     /// The floor a tenant is lifted to when it becomes backlogged.
@@ -448,11 +461,8 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
     /// Puts `slot` at its right place in the backlogged set after its counter
     /// or its head request changed (or removes it if its queue is empty).
     fn reposition(&mut self, slot: usize) {
-        let state = &mut self.tenants[slot];
-        let new_key = state
-            .queue
-            .first_key_value()
-            .map(|(&seq, _)| (state.counter, seq));
+        let state = self.tenants[slot].as_mut().expect("a registered slot");
+        let new_key = state.queue.front_seq().map(|seq| (state.counter, seq));
         if state.backlog_key == new_key {
             return;
         }
@@ -465,6 +475,8 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
         state.backlog_key = new_key;
     }
 }
+
+mod tenant_queue;
 
 #[cfg(test)]
 mod tests;

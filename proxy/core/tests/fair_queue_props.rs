@@ -3,8 +3,9 @@
 //! served twice, service follows the counters, and cancel frees everything.
 
 use bulkhead_core::TenantId;
-use bulkhead_core::fair_queue::{FairQueue, ServiceWeights};
+use bulkhead_core::fair_queue::{FairQueue, QueueHandle, ServiceWeights};
 use proptest::prelude::*;
+use std::collections::HashMap;
 use std::collections::{BTreeMap, HashSet};
 
 const TENANTS: usize = 5;
@@ -38,6 +39,7 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Default)]
 struct Model {
     queued: BTreeMap<u64, usize>,
+    handles: HashMap<u64, QueueHandle>,
     per_tenant: Vec<Vec<u64>>,
     gone: HashSet<u64>,
 }
@@ -51,7 +53,7 @@ proptest! {
         caps in proptest::collection::vec(1..20_u32, TENANTS),
         ops in proptest::collection::vec(op(), 1..400),
     ) {
-        let mut q: FairQueue<u64, (usize, u64)> = FairQueue::new(ServiceWeights::default());
+        let mut q: FairQueue<(usize, u64)> = FairQueue::new(ServiceWeights::default());
         for i in 0..TENANTS {
             q.set_tenant(&tenant(i), weights[i], caps[i]);
         }
@@ -65,9 +67,10 @@ proptest! {
                     let id = next_id;
                     next_id += 1;
                     let full = model.per_tenant[t].len() >= caps[t] as usize;
-                    let res = q.enqueue(id, &tenant(t), prompt, (t, id));
+                    let res = q.enqueue(&tenant(t), prompt, (t, id));
                     prop_assert_eq!(res.is_err(), full);
-                    if !full {
+                    if let Ok(handle) = res {
+                        model.handles.insert(id, handle);
                         model.queued.insert(id, t);
                         model.per_tenant[t].push(id);
                     }
@@ -82,7 +85,9 @@ proptest! {
                         None => prop_assert!(model.queued.is_empty()),
                         Some(d) => {
                             let (t, id) = d.payload;
-                            prop_assert_eq!(d.id, id);
+                            let handle = model.handles.remove(&id).unwrap();
+                            prop_assert!(!q.contains(handle));
+                            prop_assert_eq!(q.cancel(handle), None);
                             prop_assert_eq!(&d.tenant, &tenant(t));
                             let before = q.counter(&d.tenant).unwrap()
                                 - f64::from(d.prompt_tokens) / f64::from(weight_now[t]);
@@ -97,14 +102,13 @@ proptest! {
                     }
                 }
                 Op::Cancel { pick } => {
-                    if model.queued.is_empty() {
-                        prop_assert_eq!(q.cancel(&next_id), None);
-                    } else {
+                    if !model.queued.is_empty() {
                         let id = *model.queued.keys().nth(pick % model.queued.len()).unwrap();
                         let t = model.queued.remove(&id).unwrap();
                         model.per_tenant[t].retain(|&x| x != id);
-                        prop_assert_eq!(q.cancel(&id), Some((t, id)));
-                        prop_assert_eq!(q.cancel(&id), None);
+                        let handle = model.handles.remove(&id).unwrap();
+                        prop_assert_eq!(q.cancel(handle), Some((t, id)));
+                        prop_assert_eq!(q.cancel(handle), None);
                         prop_assert!(model.gone.insert(id));
                         if last_dequeued.is_some_and(|(l, _, _)| l == id) {
                             last_dequeued = None;
@@ -117,7 +121,9 @@ proptest! {
                 Op::RequeueLast => {
                     if let Some((id, t, prompt)) = last_dequeued.take() {
                         // A preempted request goes back even past the backlog cap.
-                        prop_assert!(q.requeue_front(id, &tenant(t), prompt, (t, id)).is_ok());
+                        let handle = q.requeue_front(&tenant(t), prompt, (t, id));
+                        prop_assert!(handle.is_ok());
+                        model.handles.insert(id, handle.unwrap());
                         model.gone.remove(&id);
                         model.queued.insert(id, t);
                         model.per_tenant[t].insert(0, id);
@@ -136,9 +142,8 @@ proptest! {
             prop_assert_eq!(q.backlogged_tenants(), backlogged);
         }
         // Cancel frees everything.
-        let ids: Vec<u64> = model.queued.keys().copied().collect();
-        for id in ids {
-            prop_assert!(q.cancel(&id).is_some());
+        for (id, handle) in model.handles.drain() {
+            prop_assert_eq!(q.cancel(handle).map(|(_, i)| i), Some(id));
         }
         prop_assert!(q.is_empty());
         prop_assert_eq!(q.backlogged_tenants(), 0);
@@ -152,7 +157,7 @@ proptest! {
         rounds in 200..2_000_usize,
     ) {
         let n = weights.len();
-        let mut q: FairQueue<usize, ()> = FairQueue::new(ServiceWeights { prompt: 1, output: 2 });
+        let mut q: FairQueue<()> = FairQueue::new(ServiceWeights { prompt: 1, output: 2 });
         for (i, w) in weights.iter().enumerate() {
             q.set_tenant(&tenant(i), *w, u32::MAX);
         }
@@ -161,7 +166,7 @@ proptest! {
         // Keep every tenant backlogged while `rounds` requests are served.
         for i in 0..n {
             for _ in 0..2 {
-                q.enqueue(id, &tenant(i), prompts[id % prompts.len()], ()).unwrap();
+                q.enqueue(&tenant(i), prompts[id % prompts.len()], ()).unwrap();
                 id += 1;
             }
         }
@@ -169,7 +174,7 @@ proptest! {
             let d = q.dequeue().unwrap();
             let i = d.tenant.as_str()[1..].parse::<usize>().unwrap();
             served[i] += u64::from(d.prompt_tokens);
-            q.enqueue(id, &d.tenant, prompts[id % prompts.len()], ()).unwrap();
+            q.enqueue(&d.tenant, prompts[id % prompts.len()], ()).unwrap();
             id += 1;
         }
         // Weight-normalised service differs by at most one largest request (< 1,000 tokens).

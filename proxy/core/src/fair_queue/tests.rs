@@ -4,7 +4,7 @@ fn t(s: &str) -> TenantId {
     TenantId::new(s).unwrap()
 }
 
-fn queue(tenants: &[(&str, u32)]) -> FairQueue<u64, &'static str> {
+fn queue(tenants: &[(&str, u32)]) -> FairQueue<&'static str> {
     let mut q = FairQueue::new(ServiceWeights::default());
     for &(id, weight) in tenants {
         q.set_tenant(&t(id), weight, 10_000);
@@ -15,9 +15,9 @@ fn queue(tenants: &[(&str, u32)]) -> FairQueue<u64, &'static str> {
 #[test]
 fn serves_the_tenant_with_least_service_first() {
     let mut q = queue(&[("a", 1), ("b", 1)]);
-    q.enqueue(1, &t("a"), 100, "a1").unwrap();
-    q.enqueue(2, &t("a"), 100, "a2").unwrap();
-    q.enqueue(3, &t("b"), 100, "b1").unwrap();
+    q.enqueue(&t("a"), 100, "a1").unwrap();
+    q.enqueue(&t("a"), 100, "a2").unwrap();
+    q.enqueue(&t("b"), 100, "b1").unwrap();
     // Equal counters: the older head request goes first; then a has been charged.
     assert_eq!(q.dequeue().unwrap().payload, "a1");
     assert_eq!(q.dequeue().unwrap().payload, "b1");
@@ -28,10 +28,10 @@ fn serves_the_tenant_with_least_service_first() {
 #[test]
 fn output_tokens_charged_later_shift_the_order() {
     let mut q = queue(&[("a", 1), ("b", 1)]);
-    q.enqueue(1, &t("a"), 10, "a1").unwrap();
-    q.enqueue(2, &t("b"), 10, "b1").unwrap();
-    q.enqueue(3, &t("a"), 10, "a2").unwrap();
-    q.enqueue(4, &t("b"), 10, "b2").unwrap();
+    q.enqueue(&t("a"), 10, "a1").unwrap();
+    q.enqueue(&t("b"), 10, "b1").unwrap();
+    q.enqueue(&t("a"), 10, "a2").unwrap();
+    q.enqueue(&t("b"), 10, "b2").unwrap();
     assert_eq!(q.dequeue().unwrap().payload, "a1");
     assert_eq!(q.dequeue().unwrap().payload, "b1");
     // b's first request generated 100 tokens; a's generated 1.
@@ -46,7 +46,7 @@ fn weights_scale_the_service_exactly() {
     let mut q = queue(&[("heavy", 3), ("light", 1)]);
     for i in 0..4_000 {
         let tenant = if i % 2 == 0 { "heavy" } else { "light" };
-        q.enqueue(i, &t(tenant), 7, "x").unwrap();
+        q.enqueue(&t(tenant), 7, "x").unwrap();
     }
     let mut served = HashMap::new();
     for _ in 0..2_000 {
@@ -59,7 +59,7 @@ fn weights_scale_the_service_exactly() {
 
 #[test]
 fn remainders_carry_so_no_service_is_lost_to_rounding() {
-    let mut q: FairQueue<u64, ()> = FairQueue::new(ServiceWeights {
+    let mut q: FairQueue<()> = FairQueue::new(ServiceWeights {
         prompt: 1,
         output: 1,
     });
@@ -75,16 +75,16 @@ fn remainders_carry_so_no_service_is_lost_to_rounding() {
 fn idle_time_is_not_banked() {
     let mut q = queue(&[("a", 1), ("b", 1)]);
     // b works alone for a long time.
-    for i in 0..100 {
-        q.enqueue(i, &t("b"), 100, "b").unwrap();
+    for _ in 0..100 {
+        q.enqueue(&t("b"), 100, "b").unwrap();
     }
     for _ in 0..50 {
         q.dequeue().unwrap();
     }
     // a arrives: it is lifted to just below b's counter, so it goes next and
     // then alternates with b, instead of getting 50 requests in a row.
-    for i in 100..110 {
-        q.enqueue(i, &t("a"), 100, "a").unwrap();
+    for _ in 0..10 {
+        q.enqueue(&t("a"), 100, "a").unwrap();
     }
     let order: Vec<_> = (0..6).map(|_| q.dequeue().unwrap().payload).collect();
     assert_eq!(order, ["a", "b", "a", "b", "a", "b"]);
@@ -93,45 +93,46 @@ fn idle_time_is_not_banked() {
 #[test]
 fn a_tenant_returning_to_an_idle_server_is_lifted_to_the_last_served() {
     let mut q = queue(&[("a", 1), ("b", 1)]);
-    q.enqueue(1, &t("b"), 500, "b").unwrap();
+    q.enqueue(&t("b"), 500, "b").unwrap();
     q.dequeue().unwrap();
-    q.enqueue(2, &t("a"), 1, "a").unwrap();
+    q.enqueue(&t("a"), 1, "a").unwrap();
     let lifted = q.counter(&t("a")).unwrap();
     assert!((lifted - 500.0).abs() < 1e-5, "{lifted}");
 }
 
 #[test]
 fn backlog_cap_refuses_and_hands_the_payload_back() {
-    let mut q: FairQueue<u64, &str> = FairQueue::new(ServiceWeights::default());
+    let mut q: FairQueue<&str> = FairQueue::new(ServiceWeights::default());
     q.set_tenant(&t("a"), 1, 2);
-    q.enqueue(1, &t("a"), 1, "one").unwrap();
-    q.enqueue(2, &t("a"), 1, "two").unwrap();
-    let err = q.enqueue(3, &t("a"), 1, "three").unwrap_err();
+    q.enqueue(&t("a"), 1, "one").unwrap();
+    q.enqueue(&t("a"), 1, "two").unwrap();
+    let err = q.enqueue(&t("a"), 1, "three").unwrap_err();
     assert_eq!(
         err.to_string(),
         "tenant already has 2 queued requests, its maximum"
     );
     assert_eq!(err.into_payload(), "three");
     assert_eq!(
-        q.enqueue(4, &t("zed"), 1, "four"),
+        q.enqueue(&t("zed"), 1, "four"),
         Err(EnqueueError::UnknownTenant("four"))
     );
-    assert_eq!(
-        q.enqueue(1, &t("a"), 1, "dup"),
-        Err(EnqueueError::DuplicateId("dup"))
-    );
-    assert_eq!(q.len(), 2);
+    // A preempted request goes back even when the backlog is full.
+    q.requeue_front(&t("a"), 1, "preempted").unwrap();
+    assert_eq!(q.len(), 3);
+    assert_eq!(q.dequeue().unwrap().payload, "preempted");
 }
 
 #[test]
 fn cancel_removes_from_the_middle_and_frees_the_tenant() {
     let mut q = queue(&[("a", 1), ("b", 1)]);
-    q.enqueue(1, &t("a"), 1, "a1").unwrap();
-    q.enqueue(2, &t("a"), 1, "a2").unwrap();
-    q.enqueue(3, &t("b"), 1, "b1").unwrap();
-    assert_eq!(q.cancel(&2), Some("a2"));
-    assert_eq!(q.cancel(&2), None);
-    assert_eq!(q.cancel(&1), Some("a1"));
+    let a1 = q.enqueue(&t("a"), 1, "a1").unwrap();
+    let a2 = q.enqueue(&t("a"), 1, "a2").unwrap();
+    q.enqueue(&t("b"), 1, "b1").unwrap();
+    assert!(q.contains(a2));
+    assert_eq!(q.cancel(a2), Some("a2"));
+    assert!(!q.contains(a2));
+    assert_eq!(q.cancel(a2), None);
+    assert_eq!(q.cancel(a1), Some("a1"));
     assert_eq!(q.backlogged_tenants(), 1);
     assert_eq!(q.queued(&t("a")), 0);
     assert_eq!(q.dequeue().unwrap().payload, "b1");
@@ -142,18 +143,23 @@ fn cancel_removes_from_the_middle_and_frees_the_tenant() {
 #[test]
 fn removing_a_tenant_returns_its_requests_and_keeps_the_others_intact() {
     let mut q = queue(&[("a", 1), ("b", 1), ("c", 1)]);
-    q.enqueue(1, &t("a"), 1, "a1").unwrap();
-    q.enqueue(2, &t("c"), 1, "c1").unwrap();
-    q.enqueue(3, &t("a"), 1, "a2").unwrap();
-    q.enqueue(4, &t("c"), 1, "c2").unwrap();
-    assert_eq!(q.remove_tenant(&t("a")), vec![(1, "a1"), (3, "a2")]);
-    // "c" moved into a's slot; its requests are still reachable by id.
-    assert!(q.contains(&4));
-    assert_eq!(q.cancel(&4), Some("c2"));
+    let a1 = q.enqueue(&t("a"), 1, "a1").unwrap();
+    q.enqueue(&t("c"), 1, "c1").unwrap();
+    q.enqueue(&t("a"), 1, "a2").unwrap();
+    let c2 = q.enqueue(&t("c"), 1, "c2").unwrap();
+    assert_eq!(q.remove_tenant(&t("a")), vec!["a1", "a2"]);
+    assert_eq!(q.len(), 2);
+    // A stale handle finds nothing, even after the slot is reused.
+    assert_eq!(q.cancel(a1), None);
+    q.set_tenant(&t("d"), 1, 10);
+    q.enqueue(&t("d"), 1, "d1").unwrap();
+    assert_eq!(q.cancel(a1), None);
+    assert_eq!(q.cancel(c2), Some("c2"));
     assert_eq!(q.dequeue().unwrap().payload, "c1");
+    assert_eq!(q.dequeue().unwrap().payload, "d1");
     assert!(q.dequeue().is_none());
     assert_eq!(
-        q.enqueue(5, &t("a"), 1, "again"),
+        q.enqueue(&t("a"), 1, "again"),
         Err(EnqueueError::UnknownTenant("again"))
     );
 }

@@ -58,7 +58,7 @@ pub struct Ticket {
 #[derive(Debug)]
 pub enum Scheduler {
     /// See [`Policy::Vtc`].
-    Vtc(FairQueue<u64, Ticket>),
+    Vtc(FairQueue<Ticket>),
     /// See [`Policy::Fifo`]: a global queue plus per-tenant counts for the backlog caps.
     Fifo {
         /// Arrival order.
@@ -102,8 +102,8 @@ impl Scheduler {
     pub fn enqueue(&mut self, ticket: Ticket) -> bool {
         match self {
             Self::Vtc(q) => {
-                let (id, tenant, prompt) = (ticket.id, ticket.tenant.clone(), ticket.prompt_tokens);
-                q.enqueue(id, &tenant, prompt, ticket).is_ok()
+                let (tenant, prompt) = (ticket.tenant.clone(), ticket.prompt_tokens);
+                q.enqueue(&tenant, prompt, ticket).is_ok()
             }
             Self::Fifo { queue, queued } => {
                 let (n, cap) = queued.get_mut(&ticket.tenant).expect("registered tenant");
@@ -160,8 +160,8 @@ impl Scheduler {
     pub fn requeue_front(&mut self, ticket: Ticket) {
         match self {
             Self::Vtc(q) => {
-                let (id, tenant, prompt) = (ticket.id, ticket.tenant.clone(), ticket.prompt_tokens);
-                q.requeue_front(id, &tenant, prompt, ticket)
+                let (tenant, prompt) = (ticket.tenant.clone(), ticket.prompt_tokens);
+                q.requeue_front(&tenant, prompt, ticket)
                     .expect("a preempted request belongs to a registered tenant");
             }
             Self::Fifo { queue, queued } => {
