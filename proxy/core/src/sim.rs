@@ -17,7 +17,9 @@ pub use self::{
     policy::{Policy, Scheduler, SortingWfq, Ticket},
     report::{Report, TenantReport, jain_index, max_min_shares},
     rng::SimRng,
-    scenarios::{FairnessSummary, POLICIES, STANDARD_SERVER, noisy_neighbour, saturated},
+    scenarios::{
+        FairnessSummary, POLICIES, STANDARD_SERVER, noisy_neighbour, returning, saturated,
+    },
     server::ServerModel,
 };
 
@@ -62,6 +64,8 @@ pub struct TenantLoad {
     pub output_tokens: (u32, u32),
     /// Backlog cap: arrivals beyond it are refused.
     pub max_queued: u32,
+    /// A window of simulated time in which the tenant sends nothing.
+    pub pause: Option<(Duration, Duration)>,
 }
 
 /// A complete, reproducible experiment.
@@ -112,13 +116,21 @@ impl Scenario {
                 (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
             });
             let mut rng = SimRng::new(stream);
+            let paused = |t: f64| {
+                load.pause
+                    .is_some_and(|(from, to)| (from.as_secs_f64()..to.as_secs_f64()).contains(&t))
+            };
             let mut push = |rng: &mut SimRng, t: f64| {
-                all.push(Arrival {
+                // Draw the lengths even when paused, so the stream stays aligned.
+                let arrival = Arrival {
                     at: Timestamp::from_duration(Duration::from_secs_f64(t)),
                     tenant: index,
                     prompt_tokens: rng.range(load.prompt_tokens.0, load.prompt_tokens.1),
                     output_tokens: rng.range(load.output_tokens.0, load.output_tokens.1),
-                });
+                };
+                if !paused(t) {
+                    all.push(arrival);
+                }
             };
             match load.arrivals {
                 Arrivals::Poisson { per_second } => {
@@ -189,6 +201,8 @@ struct Run<'a> {
     running: HashMap<u64, Timestamp>,
     refused: usize,
     finished: usize,
+    /// Per tenant: since when it has been backlogged without an admission.
+    starved_since: Vec<Option<Timestamp>>,
 }
 
 impl<'a> Run<'a> {
@@ -224,6 +238,7 @@ impl<'a> Run<'a> {
             running: HashMap::new(),
             refused: 0,
             finished: 0,
+            starved_since: vec![None; scenario.tenants.len()],
         }
     }
 
@@ -268,9 +283,11 @@ impl<'a> Run<'a> {
             &mut self.scheduler,
             &self.weights,
         );
+        let mut admitted = vec![false; backlogged.len()];
         for event in &outcome.events {
             match event {
                 Event::Admitted(ticket) => {
+                    admitted[self.slot[&ticket.tenant]] = true;
                     let (arrived, preempted) = self
                         .waiting
                         .remove(&ticket.id)
@@ -300,6 +317,18 @@ impl<'a> Run<'a> {
                 .remove(&ticket.id)
                 .expect("a request finishes once");
             self.finished += 1;
+        }
+        for (i, since) in self.starved_since.iter_mut().enumerate() {
+            if backlogged[i] && !admitted[i] {
+                let since = *since.get_or_insert(now);
+                if now >= self.warmup {
+                    let report = &mut self.reports[i];
+                    report.longest_starved =
+                        report.longest_starved.max(now.saturating_since(since));
+                }
+            } else {
+                *since = None;
+            }
         }
         if now < self.warmup {
             return;

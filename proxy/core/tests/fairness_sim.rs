@@ -92,6 +92,7 @@ fn small_scenario(seed: u64, rates: &[(u32, f64, bool)]) -> Scenario {
                 prompt_tokens: (1, 700),
                 output_tokens: (1, 300),
                 max_queued: 64,
+                pause: None,
             })
             .collect(),
     }
@@ -117,4 +118,16 @@ proptest! {
             prop_assert_eq!(report, scenario.run(policy));
         }
     }
+}
+
+#[test]
+fn a_returning_tenant_cannot_shut_out_the_one_that_stayed() {
+    let scenario = bulkhead_core::sim::returning(1);
+    let vtc = scenario.run(Policy::Vtc);
+    let seed = scenario.run(Policy::SeedWfq);
+    // bulkhead lifts a's counter when it returns: b keeps being served.
+    assert!(vtc.tenant("b").longest_starved < Duration::from_secs(1));
+    // The seed's global virtual time (a minimum over every tenant ever seen)
+    // banks a's absence, and a then takes the whole server for many seconds.
+    assert!(seed.tenant("b").longest_starved > Duration::from_secs(10));
 }

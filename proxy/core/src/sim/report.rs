@@ -28,6 +28,8 @@ pub struct TenantReport {
     pub contended_service: u128,
     /// Time from arrival to admission, per admitted request, in admission order.
     pub queue_delays: Vec<Duration>,
+    /// The longest time the tenant had requests queued and none admitted.
+    pub longest_starved: Duration,
 }
 
 impl TenantReport {
@@ -43,6 +45,7 @@ impl TenantReport {
             service: 0,
             contended_service: 0,
             queue_delays: Vec::new(),
+            longest_starved: Duration::ZERO,
         }
     }
 

@@ -22,6 +22,7 @@ fn tenant(id: &str, weight: u32, arrivals: Arrivals) -> TenantLoad {
         prompt_tokens: (32, 512),
         output_tokens: (16, 256),
         max_queued: 512,
+        pause: None,
     }
 }
 
@@ -72,6 +73,19 @@ pub fn saturated(seed: u64, weight_a: u32, weight_b: u32) -> Scenario {
     )
 }
 
+/// A tenant that goes away and comes back: "a" and "b" both send 150
+/// requests/s (Poisson, equal weights), but "a" is silent from 20 s to 60 s.
+/// A scheduler that banks a's idle time lets it shut "b" out when it returns.
+pub fn returning(seed: u64) -> Scenario {
+    let mut a = tenant("a", 1, Arrivals::Poisson { per_second: 150.0 });
+    a.pause = Some((Duration::from_secs(20), Duration::from_mins(1)));
+    scenario(
+        "returning tenant (a and b: 150 req/s each, a silent from 20 s to 60 s, weights 1:1)",
+        seed,
+        vec![a, tenant("b", 1, Arrivals::Poisson { per_second: 150.0 })],
+    )
+}
+
 /// The numbers the fairness table prints for one seed.
 #[derive(Clone, Debug)]
 pub struct FairnessSummary {
@@ -83,6 +97,8 @@ pub struct FairnessSummary {
     pub equal: Vec<Report>,
     /// Weights 2:1, both saturating, per policy.
     pub weighted: Vec<Report>,
+    /// "a" returns after 40 s away, per policy.
+    pub returning: Vec<Report>,
 }
 
 /// Policies compared in the table, bulkhead's first.
@@ -99,11 +115,13 @@ impl FairnessSummary {
         let noisy = noisy_neighbour(seed);
         let equal = saturated(seed, 1, 1);
         let weighted = saturated(seed, 2, 1);
+        let returning = returning(seed);
         Self {
             alone: noisy.only(|t| t.id.as_str() == "a").run(Policy::Vtc),
             noisy: POLICIES.iter().map(|&p| noisy.run(p)).collect(),
             equal: POLICIES.iter().map(|&p| equal.run(p)).collect(),
             weighted: POLICIES.iter().map(|&p| weighted.run(p)).collect(),
+            returning: POLICIES.iter().map(|&p| returning.run(p)).collect(),
         }
     }
 
@@ -122,20 +140,26 @@ impl FairnessSummary {
         let _ = writeln!(out, "a alone: p99 queueing delay {alone_p99:.1?}\n");
         let _ = writeln!(
             out,
-            "{:<16}| {:>10} {:>9} | {:>8} | {:>8} | {:>8} {:>9}",
-            "policy", "a p99", "vs alone", "jain", "jain 1:1", "jain 2:1", "ratio 2:1"
+            "{:<16}| {:^30} | {:^28} | {:^12}",
+            "", "noisy neighbour", "both saturating", "returning"
         );
         let _ = writeln!(
             out,
-            "{:<16}| {:>20} | {:>8} | {:>19}",
-            "", "noisy neighbour", "", "both saturating"
+            "{:<16}| {:>10} {:>9} {:>9} | {:>8} {:>8} {:>10} | {:>12}",
+            "policy", "a p99", "vs alone", "jain", "jain 1:1", "jain 2:1", "ratio 2:1", "b starved"
         );
-        let _ = writeln!(out, "{}", "-".repeat(82));
-        for ((noisy, equal), weighted) in self.noisy.iter().zip(&self.equal).zip(&self.weighted) {
+        let _ = writeln!(out, "{}", "-".repeat(96));
+        for (((noisy, equal), weighted), back) in self
+            .noisy
+            .iter()
+            .zip(&self.equal)
+            .zip(&self.weighted)
+            .zip(&self.returning)
+        {
             let p99 = noisy.tenant("a").delay_quantile(0.99);
             let _ = writeln!(
                 out,
-                "{:<16}| {:>10.1?} {:>8.2}x | {:>8.4} | {:>8.4} | {:>8.4} {:>9.3}",
+                "{:<16}| {:>10.1?} {:>8.2}x {:>9.4} | {:>8.4} {:>8.4} {:>10.3} | {:>12.1?}",
                 noisy.policy.name(),
                 p99,
                 p99.as_secs_f64() / alone_p99.as_secs_f64(),
@@ -143,12 +167,15 @@ impl FairnessSummary {
                 equal.jain,
                 weighted.jain,
                 weighted.contended_ratio("a", "b"),
+                back.tenant("b").longest_starved,
             );
         }
         let _ = writeln!(
             out,
-            "\njain: Jain's index of each tenant's service over its weighted max-min fair share;\n\
-             ratio: a's service over b's while both were backlogged (weights 2:1)."
+            "\na p99: a's p99 queueing delay beside b, and against a alone on the same server;\n\
+             jain: Jain's index of each tenant's service over its weighted max-min fair share;\n\
+             ratio 2:1: a's service over b's while both were backlogged, weights 2:1;\n\
+             b starved: the longest time b had requests queued and none admitted."
         );
         out
     }
