@@ -1,0 +1,45 @@
+//! `cargo xtask ci`: what `.ci/run` runs, in order, stopping at the first failure.
+
+use crate::build_ebpf::{self, BuildEbpfOptions};
+use crate::process;
+use crate::setup::{self, SetupOptions};
+use std::path::Path;
+use std::process::Command;
+
+/// Options of `cargo xtask ci`.
+#[derive(Debug, Default, clap::Args)]
+pub struct CiOptions {
+    /// Also set up and build the eBPF programs (also on with `BULKHEAD_CI_EBPF=1`).
+    #[arg(long)]
+    pub ebpf: bool,
+}
+
+/// Runs setup, formatting check, clippy and the tests; with `ebpf`, also clippy and the build
+/// of the eBPF programs for their target.
+///
+/// Clippy and the tests cover the default members, not `--workspace`: the
+/// eBPF crate is built only by the pinned nightly for the BPF target (on the
+/// host it is an empty binary), so it is checked by the eBPF steps instead.
+pub fn run(root: &Path, opts: &CiOptions) -> anyhow::Result<()> {
+    let ebpf = opts.ebpf || std::env::var_os("BULKHEAD_CI_EBPF").is_some_and(|v| v == "1");
+    setup::run(root, &SetupOptions { ebpf })?;
+
+    let cargo = |args: &[&str]| {
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(root).args(args);
+        cmd
+    };
+    process::run("fmt", &mut cargo(&["fmt", "--all", "--check"]))?;
+    process::run(
+        "clippy",
+        &mut cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]),
+    )?;
+    process::run("test", &mut cargo(&["test"]))?;
+
+    if ebpf {
+        build_ebpf::clippy(root)?;
+        build_ebpf::run(root, &BuildEbpfOptions { release: true })?;
+    }
+    println!("==> [ci] all steps passed");
+    Ok(())
+}
