@@ -9,19 +9,19 @@ use std::process::Command;
 /// Options of `cargo xtask ci`.
 #[derive(Debug, Default, clap::Args)]
 pub struct CiOptions {
-    /// Also set up and build the eBPF programs (also on with `BULKHEAD_CI_EBPF=1`).
+    /// Skip setting up and building the eBPF programs (also with `BULKHEAD_CI_EBPF=0`).
     #[arg(long)]
-    pub ebpf: bool,
+    pub no_ebpf: bool,
 }
 
-/// Runs setup, formatting check, clippy and the tests; with `ebpf`, also clippy and the build
-/// of the eBPF programs for their target.
+/// Runs setup, formatting check, clippy and the tests, then clippy and the
+/// build of the eBPF programs for their target (unless `no_ebpf`).
 ///
 /// Clippy and the tests cover the default members, not `--workspace`: the
 /// eBPF crate is built only by the pinned nightly for the BPF target (on the
 /// host it is an empty binary), so it is checked by the eBPF steps instead.
 pub fn run(root: &Path, opts: &CiOptions) -> anyhow::Result<()> {
-    let ebpf = opts.ebpf || std::env::var_os("BULKHEAD_CI_EBPF").is_some_and(|v| v == "1");
+    let ebpf = !opts.no_ebpf && std::env::var_os("BULKHEAD_CI_EBPF").is_none_or(|v| v != "0");
     setup::run(root, &SetupOptions { ebpf })?;
 
     let cargo = |args: &[&str]| {
