@@ -1,1 +1,244 @@
-//! (in progress)
+//! The host config: one TOML file naming the listeners, the models and every tenant's policy.
+//!
+//! [`Config::from_toml_str`] parses and validates in one step and returns
+//! either a [`Config`] whose every value is in range and cross-checked
+//! (models named by tenants exist, quotas fit the KV pool, an API key names
+//! one tenant), or [`ConfigErrors`] listing *every* problem at once, each
+//! with its key path and line:
+//!
+//! ```text
+//! tenants[1].weight (line 23): weight must be a positive integer, got -2
+//! tenants[2].allowed_models[0] (line 31): unknown model "llama-70b"; defined models: "tiny-llama"
+//! ```
+//!
+//! The file is read in three steps: the TOML is parsed once into a spanned
+//! tree (module `source`), each section is deserialized on its own into plain
+//! serde structs with their defaults (`raw`), and validation turns those into
+//! the typed structs below (`validate`, `tenants`). A complete example with
+//! every key explained is `deploy/examples/single-host.toml`.
+
+mod error;
+mod raw;
+mod source;
+mod tenants;
+mod validate;
+
+pub use self::error::{ConfigError, ConfigErrors};
+
+use crate::identity::{ApiKeyHash, TrustDomain};
+use crate::{IsolationLevel, TenantId, Tier};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A validated host config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// SPIFFE trust domain of client identities: `spiffe://<trust_domain>/tenant/<id>`.
+    pub trust_domain: TrustDomain,
+    /// Where the proxy listens.
+    pub listeners: Listeners,
+    /// Server certificate and the CAs trusted for client certificates.
+    pub tls: TlsPaths,
+    /// The KV block pool shared by all tenants.
+    pub kv: KvPool,
+    /// Service weights of the fair scheduler's virtual token counter.
+    pub scheduler: SchedulerWeights,
+    /// Kernel (eBPF) enforcement.
+    pub ebpf: EbpfSettings,
+    /// Models this host serves, in file order; names are unique.
+    pub models: Vec<ModelSpec>,
+    /// Tenants, in file order; ids are unique and there is at least one.
+    pub tenants: Vec<TenantPolicy>,
+}
+
+/// Listen addresses (`[listeners]`); QUIC and TCP default to `127.0.0.1:8443`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listeners {
+    /// UDP address for QUIC / HTTP/3.
+    pub quic: SocketAddr,
+    /// TCP address for TLS with HTTP/1.1 or HTTP/2.
+    pub tcp: SocketAddr,
+    /// Admin endpoint (metrics, tenant listing, reload); none by default.
+    pub admin: Option<AdminEndpoint>,
+}
+
+/// Where the admin endpoint listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminEndpoint {
+    /// A unix socket at an absolute path.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(SocketAddr),
+}
+
+/// PEM file paths of the TLS setup (`[tls]`); the files are not read here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsPaths {
+    /// Server certificate chain.
+    pub cert: PathBuf,
+    /// Server private key.
+    pub key: PathBuf,
+    /// CA certificates trusted to issue client (tenant) certificates; at least one.
+    pub client_ca: Vec<PathBuf>,
+}
+
+/// The paged KV cache pool (`[kv]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvPool {
+    /// Total KV blocks in the pool; every tenant's quota is at most this.
+    pub pool_blocks: u32,
+    /// Tokens per block (default 16).
+    pub block_tokens: u32,
+}
+
+/// Cost weights of the virtual token counter (`[scheduler]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SchedulerWeights {
+    /// Service charged per prompt token (default 1).
+    pub prompt_token_weight: u32,
+    /// Service charged per generated token (default 2).
+    pub output_token_weight: u32,
+}
+
+/// Kernel-side enforcement settings (`[ebpf]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EbpfSettings {
+    /// Whether the eBPF programs must load (default [`EbpfMode::Auto`]).
+    pub mode: EbpfMode,
+    /// Packets per second allowed from all sources not yet mapped to a tenant (default 2000).
+    pub unknown_source_packets_per_second: u64,
+    /// Burst of that budget, in packets (default 500).
+    pub unknown_source_packet_burst: u64,
+}
+
+/// Whether kernel enforcement is required, attempted, or off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EbpfMode {
+    /// Refuse to start if the programs cannot be loaded.
+    Required,
+    /// Load the programs if the kernel allows it; warn and go on without them otherwise.
+    #[default]
+    Auto,
+    /// Do not load them; limits are enforced in userspace only.
+    Off,
+}
+
+/// A model this host serves (`[[models]]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// Name clients ask for in the `model` field; unique in the file.
+    pub name: String,
+    /// Backend to run it on; `None` lets the host pick (CUDA where a GPU is present, else CPU).
+    pub backend: Option<ModelBackend>,
+    /// Longest sequence (prompt + output) in tokens.
+    pub max_context_tokens: u32,
+}
+
+/// Worker backend of a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelBackend {
+    /// The plain-Rust reference backend.
+    Cpu,
+    /// NVIDIA GPUs through CUDA.
+    Cuda,
+    /// A cost model of GPU step times, no math.
+    Sim,
+}
+
+/// One tenant's policy (`[[tenants]]`); defaults are noted per field.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TenantPolicy {
+    /// The tenant, as named in its client certificate's SPIFFE id.
+    pub id: TenantId,
+    /// Share of the scheduler under contention, relative to other tenants (default 1).
+    pub weight: u32,
+    /// Service tier (default standard).
+    pub tier: Tier,
+    /// Models the tenant may use; non-empty, each defined under `[[models]]`.
+    pub allowed_models: Vec<String>,
+    /// Largest `max_tokens` a request may ask for (default 4096).
+    pub max_tokens_per_request: u32,
+    /// Largest prompt in bytes (default 1 MiB).
+    pub max_prompt_bytes: u64,
+    /// Sustained request rate (default 10.0); finite and at least 0.001.
+    pub requests_per_second: f64,
+    /// Requests admitted at once above the sustained rate (default 20).
+    pub request_burst: u32,
+    /// Token budget per minute, prompt plus output (default 100 000).
+    pub tokens_per_minute: u64,
+    /// Requests in flight at once (default 8).
+    pub max_concurrent_requests: u32,
+    /// Requests waiting in the fair queue at once (default 64).
+    pub max_queued_requests: u32,
+    /// KV blocks the tenant may hold at once; at most [`KvPool::pool_blocks`] (no default).
+    pub kv_block_quota: u32,
+    /// How the tenant is separated from others (default shared).
+    pub isolation: IsolationLevel,
+    /// Per-tenant packet and byte budgets enforced in the kernel.
+    pub kernel: KernelLimits,
+    /// SHA-256 digests of the tenant's API keys; a digest names one tenant only (default none).
+    pub api_key_sha256: Vec<ApiKeyHash>,
+}
+
+/// A tenant's kernel token buckets (`[tenants.kernel]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLimits {
+    /// Sustained packets per second (default 10 000).
+    pub packets_per_second: u64,
+    /// Packet bucket size (default 1000).
+    pub packet_burst: u64,
+    /// Sustained bytes per second (default 12 500 000, 100 Mbit/s).
+    pub bytes_per_second: u64,
+    /// Byte bucket size (default 1 MiB); at least [`MAX_PACKET_BYTES`].
+    pub byte_burst: u64,
+}
+
+/// Largest IP packet in bytes: a byte burst smaller than this could drop a valid packet forever.
+pub const MAX_PACKET_BYTES: u64 = 65_535;
+
+/// Smallest accepted `requests_per_second`: the resolution of the request limiter.
+pub const MIN_REQUESTS_PER_SECOND: f64 = 0.001;
+
+impl Config {
+    /// Parses and validates a config; on failure lists every problem, in file order.
+    pub fn from_toml_str(src: &str) -> Result<Self, ConfigErrors> {
+        let (map, table) = source::SourceMap::parse(src);
+        let table = table?;
+        let mut errors = Vec::new();
+        let raw = raw::RawConfig::read(table, &map, &mut errors);
+        validate::validate(raw, &map, errors)
+    }
+
+    /// Reads and validates the config file at `path`.
+    pub fn from_path(path: &Path) -> Result<Self, ConfigErrors> {
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: String::new(),
+            line: None,
+            message: format!("cannot read config file {}: {e}", path.display()),
+        })?;
+        Self::from_toml_str(&src)
+    }
+
+    /// The policy of tenant `id`, if the config has one.
+    pub fn tenant(&self, id: &TenantId) -> Option<&TenantPolicy> {
+        self.tenants.iter().find(|t| &t.id == id)
+    }
+
+    /// The model named `name`, if the config has one.
+    pub fn model(&self, name: &str) -> Option<&ModelSpec> {
+        self.models.iter().find(|m| m.name == name)
+    }
+}
+
+impl TenantPolicy {
+    /// Whether the tenant may use the model named `model` (exact, case-sensitive match).
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.allowed_models.iter().any(|m| m == model)
+    }
+}
+
+#[cfg(test)]
+mod tests;
