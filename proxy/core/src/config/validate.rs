@@ -12,8 +12,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// Longest SPIFFE trust domain, in bytes.
-
 const NO_MODELS: &str = "at least one [[models]] table is required";
 const NO_TENANTS: &str = "at least one [[tenants]] table is required";
 
