@@ -25,6 +25,7 @@ mod validate;
 
 pub use self::error::{ConfigError, ConfigErrors};
 
+use crate::fair_queue::ServiceWeights;
 use crate::identity::{ApiKeyHash, TrustDomain};
 use crate::{IsolationLevel, TenantId, Tier};
 use serde::Deserialize;
@@ -99,6 +100,15 @@ pub struct SchedulerWeights {
     pub prompt_token_weight: u32,
     /// Service charged per generated token (default 2).
     pub output_token_weight: u32,
+}
+
+impl From<SchedulerWeights> for ServiceWeights {
+    fn from(w: SchedulerWeights) -> Self {
+        Self {
+            prompt: u64::from(w.prompt_token_weight),
+            output: u64::from(w.output_token_weight),
+        }
+    }
 }
 
 /// Kernel-side enforcement settings (`[ebpf]`).

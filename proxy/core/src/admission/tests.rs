@@ -29,6 +29,13 @@ max_queued_requests = 4
 kv_block_quota = 64
 "#;
 
+#[test]
+fn the_config_feeds_the_fair_queue_weights() {
+    let config = Config::from_toml_str(CONFIG).unwrap();
+    let weights = crate::fair_queue::ServiceWeights::from(config.scheduler);
+    assert_eq!(weights, crate::fair_queue::ServiceWeights::default());
+}
+
 fn policy() -> TenantPolicy {
     Config::from_toml_str(CONFIG).unwrap().tenants[0].clone()
 }
