@@ -1,7 +1,14 @@
 //! The `bulkhead` command.
 
+use anyhow::Context as _;
+use bulkhead::ebpf::{self, KernelPlane, Origin, PlaneStatus};
 use bulkhead::simulate::{self, SimulateOptions};
+use bulkhead_core::config::Config;
 use clap::{Parser, Subcommand};
+use std::fmt::Write as _;
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 /// bulkhead: serve LLMs to many tenants on one GPU host, isolated at every layer.
 #[derive(Debug, Parser)]
@@ -22,17 +29,205 @@ enum Command {
         #[arg(long, short)]
         verbose: bool,
     },
+    /// Kernel enforcement: load, inspect or unload the eBPF programs (as root).
+    #[command(subcommand)]
+    Ebpf(EbpfCommand),
 }
 
-fn main() {
+/// Where an instance's pins live.
+#[derive(Debug, clap::Args)]
+struct PinArgs {
+    /// Name of the instance: its pins are `<bpffs>/bulkhead/<instance>/`.
+    #[arg(long, default_value = ebpf::DEFAULT_INSTANCE)]
+    instance: String,
+    /// Mount point of the BPF filesystem.
+    #[arg(long, default_value = ebpf::DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum EbpfCommand {
+    /// Load and attach the programs to a cgroup and pin them (or reuse the
+    /// pins of an earlier load), then write the config's kernel limits.
+    Load {
+        /// The host config: tenants' `kernel` limits and `[ebpf]` settings.
+        #[arg(long)]
+        config: PathBuf,
+        /// The cgroup (v2 directory) whose sockets are enforced: the proxy's.
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Detach the programs and remove every pin of the instance.
+    Unload {
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Print the links and each tenant's counters from the pinned maps.
+    Status {
+        /// The host config, to name tenants by id instead of index.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Simulate { seed, verbose } => {
-            let report = simulate::run(SimulateOptions { seed, verbose });
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+    let output = match cli.command {
+        Command::Simulate { seed, verbose } => Ok(simulate::run(SimulateOptions { seed, verbose })),
+        Command::Ebpf(command) => run_ebpf(command),
+    };
+    match output {
+        Ok(text) => {
             #[expect(clippy::print_stdout, reason = "the command's output")]
             {
-                print!("{report}");
+                print!("{text}");
             }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("bulkhead: error: {err:#}");
+            ExitCode::FAILURE
         }
     }
+}
+
+/// Runs an `ebpf` subcommand and returns what to print.
+fn run_ebpf(command: EbpfCommand) -> anyhow::Result<String> {
+    match command {
+        EbpfCommand::Load {
+            config,
+            cgroup,
+            pins,
+        } => {
+            let config = read_config(&config)?;
+            let plane = KernelPlane::load(&config, &cgroup, &pins.instance, &pins.bpffs)?;
+            let applied = plane.applied();
+            let mut out = String::new();
+            let what = match plane.origin() {
+                Origin::Loaded => {
+                    format!("loaded and attached to cgroup {}; pinned", cgroup.display())
+                }
+                Origin::Reused | Origin::Opened => {
+                    "already loaded: reused the pinned programs (not re-attached)".to_owned()
+                }
+            };
+            let _ = writeln!(
+                out,
+                "instance {:?}: {what} at {}",
+                pins.instance,
+                plane.pin_dir().display()
+            );
+            let _ = writeln!(
+                out,
+                "limits written for {} tenant(s) (mark = priority = index + 1); {} stale slot(s) cleared",
+                applied.tenants, applied.cleared
+            );
+            if config.ebpf.mode == bulkhead_core::config::EbpfMode::Off {
+                let _ = writeln!(
+                    out,
+                    "note: the config says [ebpf] mode = \"off\"; a proxy started with it will not use these programs"
+                );
+            }
+            for (index, tenant) in config.tenants.iter().enumerate() {
+                let k = &tenant.kernel;
+                let _ = writeln!(
+                    out,
+                    "  [{index}] {}: {} pkt/s (burst {}), {} B/s (burst {}), mark {}",
+                    tenant.id,
+                    k.packets_per_second,
+                    k.packet_burst,
+                    k.bytes_per_second,
+                    k.byte_burst,
+                    index + 1
+                );
+            }
+            Ok(out)
+        }
+        EbpfCommand::Unload { pins } => {
+            let report = KernelPlane::unload(&pins.bpffs, &pins.instance)?;
+            Ok(if report.was_loaded() {
+                format!(
+                    "instance {:?}: detached {}; unpinned {} map(s); removed {}\n",
+                    pins.instance,
+                    report.detached.join(", "),
+                    report.unpinned_maps.len(),
+                    report.pin_dir.display()
+                )
+            } else {
+                format!(
+                    "instance {:?}: nothing loaded (no pins at {})\n",
+                    pins.instance,
+                    report.pin_dir.display()
+                )
+            })
+        }
+        EbpfCommand::Status { config, pins } => {
+            let config = config.as_deref().map(read_config).transpose()?;
+            let plane = KernelPlane::open(&pins.bpffs, &pins.instance)?;
+            let status = plane.status()?;
+            Ok(status_table(&pins.instance, &status, config.as_ref()))
+        }
+    }
+}
+
+fn read_config(path: &Path) -> anyhow::Result<Config> {
+    Config::from_path(path).with_context(|| format!("config {}", path.display()))
+}
+
+/// The `status` output: links, then one row per tenant slot.
+fn status_table(instance: &str, status: &PlaneStatus, config: Option<&Config>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "instance {instance:?}: pins at {}",
+        status.pin_dir.display()
+    );
+    for link in &status.links {
+        let _ = writeln!(
+            out,
+            "  {}: link {} → program {}",
+            link.name, link.link_id, link.program_id
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{:<20} {:>12} {:>14} {:>12} {:>14} {:>12} {:>14}",
+        "tenant",
+        "passed pkts",
+        "passed bytes",
+        "dropped pkts",
+        "dropped bytes",
+        "egress pkts",
+        "egress bytes"
+    );
+    for row in &status.tenants {
+        let name = if row.index == bulkhead_ebpf_common::UNKNOWN_TENANT {
+            "(unknown sources)".to_owned()
+        } else {
+            config
+                .and_then(|c| c.tenants.get(usize::try_from(row.index).ok()?))
+                .map_or_else(|| format!("#{}", row.index), |t| t.id.to_string())
+        };
+        let c = &row.counters;
+        let _ = writeln!(
+            out,
+            "{name:<20} {:>12} {:>14} {:>12} {:>14} {:>12} {:>14}",
+            c.ingress_passed_packets,
+            c.ingress_passed_bytes,
+            c.ingress_dropped_packets,
+            c.ingress_dropped_bytes,
+            c.egress_packets,
+            c.egress_bytes
+        );
+    }
+    out
 }

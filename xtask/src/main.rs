@@ -5,6 +5,7 @@
 
 mod build_ebpf;
 mod ci;
+mod kernel;
 mod process;
 mod setup;
 
@@ -28,6 +29,12 @@ enum Command {
     Ci(ci::CiOptions),
     /// Build the eBPF programs (`ebpf/programs`) with the pinned nightly and print the object path.
     BuildEbpf(build_ebpf::BuildEbpfOptions),
+    /// Load the kernel programs, attach them to a cgroup and pin them (`bulkhead ebpf load`, as root).
+    Load(kernel::LoadOptions),
+    /// Detach the kernel programs and remove their pins (`bulkhead ebpf unload`, as root).
+    Unload(kernel::PinOptions),
+    /// Print the kernel programs' links and per-tenant counters (`bulkhead ebpf status`).
+    Status(kernel::StatusOptions),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +44,9 @@ fn main() -> ExitCode {
         Command::Setup(opts) => setup::run(&root, &opts),
         Command::Ci(opts) => ci::run(&root, &opts),
         Command::BuildEbpf(opts) => build_ebpf::run(&root, &opts).map(|_| ()),
+        Command::Load(opts) => kernel::load(&root, &opts),
+        Command::Unload(opts) => kernel::unload(&root, &opts),
+        Command::Status(opts) => kernel::status(&root, &opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
