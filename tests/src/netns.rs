@@ -35,7 +35,8 @@ pub fn run(program: &str, args: &[&str]) -> io::Result<Output> {
     }
 }
 
-/// Two namespaces, `tx` and `rx`, joined by a veth pair.
+/// Two namespaces, `tx` and `rx`, joined by a veth pair, with static
+/// neighbour entries so that no packet waits for ARP or neighbour discovery.
 #[derive(Debug)]
 pub struct VethPair {
     /// The sending side's namespace.
@@ -75,7 +76,13 @@ impl VethPair {
              ip -n {tx} link set veth-tx up
              ip -n {rx} link set veth-rx up
              ip -n {tx} link set lo up
-             ip -n {rx} link set lo up",
+             ip -n {rx} link set lo up
+             mac_tx=$(ip -n {tx} -br link show veth-tx | awk '{{print $3}}')
+             mac_rx=$(ip -n {rx} -br link show veth-rx | awk '{{print $3}}')
+             ip -n {tx} neigh replace {RX_V4} lladdr $mac_rx dev veth-tx nud permanent
+             ip -n {tx} neigh replace {RX_V6} lladdr $mac_rx dev veth-tx nud permanent
+             ip -n {rx} neigh replace {TX_V4} lladdr $mac_tx dev veth-rx nud permanent
+             ip -n {rx} neigh replace {TX_V6} lladdr $mac_tx dev veth-rx nud permanent",
             tx = pair.tx,
             rx = pair.rx
         );

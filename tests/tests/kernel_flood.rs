@@ -8,7 +8,7 @@
 
 use bulkhead::ebpf::{KernelPlane, Origin, Protocol};
 use bulkhead_core::config::Config;
-use bulkhead_tests::netns::{self, RX_V4, TX_V4, TestCgroup, VethPair};
+use bulkhead_tests::netns::{self, RX_V4, RX_V6, TX_V4, TX_V6, TestCgroup, VethPair};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -93,8 +93,13 @@ impl World {
         )
     }
 
-    /// Starts the receiver in the cgroup and the receiving namespace.
+    /// Starts the receiver in the cgroup and the receiving namespace, on IPv4.
     fn receiver(&self, idle_ms: u32) -> Child {
+        self.receiver_at(&format!("{RX_V4}:{PORT}"), idle_ms)
+    }
+
+    /// Starts the receiver in the cgroup and the receiving namespace, bound to `bind`.
+    fn receiver_at(&self, bind: &str, idle_ms: u32) -> Child {
         let ready = self.dir.join("ready");
         let _ = std::fs::remove_file(&ready);
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/udp_recv.py");
@@ -106,7 +111,7 @@ impl World {
                 &[
                     script,
                     "--bind",
-                    &format!("{RX_V4}:{PORT}"),
+                    bind,
                     "--idle-ms",
                     &idle_ms.to_string(),
                     "--ready-file",
@@ -125,17 +130,31 @@ impl World {
         panic!("the receiver did not start");
     }
 
-    /// Starts a sender from `port` in the sending namespace.
+    /// Starts a sender from `port` in the sending namespace, over IPv4.
     fn sender(&self, port: u16, rate: &str, millis: u32, size: u32, cpu: Option<u32>) -> Child {
+        let (to, from) = (format!("{RX_V4}:{PORT}"), format!("{TX_V4}:{port}"));
+        self.sender_between(&to, &from, rate, millis, size, cpu)
+    }
+
+    /// Starts a sender from `from` to `to` in the sending namespace.
+    fn sender_between(
+        &self,
+        to: &str,
+        from: &str,
+        rate: &str,
+        millis: u32,
+        size: u32,
+        cpu: Option<u32>,
+    ) -> Child {
         netns::spawn_in_netns(
             &self.pair.tx,
             cpu,
             env!("CARGO_BIN_EXE_bh-flood"),
             &[
                 "--to",
-                &format!("{RX_V4}:{PORT}"),
+                to,
                 "--from",
-                &format!("{TX_V4}:{port}"),
+                from,
                 "--rate",
                 rate,
                 "--duration-ms",
@@ -381,5 +400,32 @@ fn pinned_programs_keep_enforcing_across_a_restart_and_unload_leaves_nothing() {
     let report = json_of(receiver);
     assert_eq!(received(&report, 7007), flood["sent"].as_u64().unwrap());
     assert_eq!(marks(&report, 7007)["0"], flood["sent"]);
+    drop(world);
+}
+
+#[test]
+fn ipv6_flows_are_limited_and_tagged_the_same_way() {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (world, mut plane) = World::new("v6");
+    let source: SocketAddr = format!("[{TX_V6}]:7010").parse().unwrap();
+    plane.register_flow(source, Protocol::Udp, 1).unwrap();
+    let receiver = world.receiver_at(&format!("[{RX_V6}]:{PORT}"), 1_000);
+    let flood = json_of(world.sender_between(
+        &format!("[{RX_V6}]:{PORT}"),
+        &source.to_string(),
+        "max",
+        1_000,
+        64,
+        None,
+    ));
+    let report = json_of(receiver);
+    let elapsed = flood["elapsed_ns"].as_u64().unwrap();
+    #[expect(clippy::cast_precision_loss, reason = "packet counts in a test")]
+    let expected = 5_000.0 * elapsed as f64 / 1e9 + 500.0;
+    let got = received(&report, 7010);
+    assert_within_1pct(got, expected, "tenant b over IPv6");
+    assert_eq!(marks(&report, 7010), serde_json::json!({"2": got}));
     drop(world);
 }
