@@ -3,6 +3,7 @@
 //! Every task shells out with [`std::process::Command`], prints the command it
 //! runs, streams its output, and stops at the first failure with the step named.
 
+mod bench;
 mod build_ebpf;
 mod ci;
 mod kernel;
@@ -35,6 +36,9 @@ enum Command {
     Unload(kernel::PinOptions),
     /// Print the kernel programs' links and per-tenant counters (`bulkhead ebpf status`).
     Status(kernel::StatusOptions),
+    /// Kernel drop vs a userspace receive-and-drop loop at the same flood rate, and the
+    /// ingress program's ns/packet (as root; namespaces and cgroup of its own).
+    BenchKernel(bench::BenchKernelOptions),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Command::Load(opts) => kernel::load(&root, &opts),
         Command::Unload(opts) => kernel::unload(&root, &opts),
         Command::Status(opts) => kernel::status(&root, &opts),
+        Command::BenchKernel(opts) => bench::kernel(&root, &opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
