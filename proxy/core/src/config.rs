@@ -116,7 +116,7 @@ impl From<SchedulerWeights> for ServiceWeights {
 pub struct EbpfSettings {
     /// Whether the eBPF programs must load (default [`EbpfMode::Auto`]).
     pub mode: EbpfMode,
-    /// Packets per second allowed from all sources not yet mapped to a tenant (default 2000).
+    /// Packets per second allowed from each source address not yet mapped to a tenant (default 2000).
     pub unknown_source_packets_per_second: u64,
     /// Burst of that budget, in packets (default 500).
     pub unknown_source_packet_burst: u64,
