@@ -60,21 +60,23 @@ pub const INGRESS_PROGRAM: &str = "bulkhead_ingress";
 /// Name of the `cgroup_skb/egress` program.
 pub const EGRESS_PROGRAM: &str = "bulkhead_egress";
 
+/// Every map of the contract, by name (the loader pins them under these names).
+pub const MAP_NAMES: [&str; 8] = [
+    FLOWS_MAP,
+    TENANT_LIMITS_MAP,
+    TENANT_STATE_MAP,
+    UNKNOWN_STATE_MAP,
+    COUNTERS_MAP,
+    DROP_AGG_MAP,
+    SETTINGS_MAP,
+    EVENTS_MAP,
+];
+
 // Map names must fit the kernel's object name (programs are found by their ELF symbol).
 const _: () = {
-    let names = [
-        FLOWS_MAP,
-        TENANT_LIMITS_MAP,
-        TENANT_STATE_MAP,
-        UNKNOWN_STATE_MAP,
-        COUNTERS_MAP,
-        DROP_AGG_MAP,
-        SETTINGS_MAP,
-        EVENTS_MAP,
-    ];
     let mut i = 0;
-    while i < names.len() {
-        assert!(names[i].len() <= BPF_OBJ_NAME_MAX);
+    while i < MAP_NAMES.len() {
+        assert!(MAP_NAMES[i].len() <= BPF_OBJ_NAME_MAX);
         i += 1;
     }
 };

@@ -6,23 +6,9 @@
 //! loading process exits; removing them (unload) detaches.
 
 use super::EbpfError;
-use bulkhead_ebpf_common::{
-    COUNTERS_MAP, DROP_AGG_MAP, EVENTS_MAP, FLOWS_MAP, SETTINGS_MAP, TENANT_LIMITS_MAP,
-    TENANT_STATE_MAP, UNKNOWN_STATE_MAP,
-};
 use std::path::{Path, PathBuf};
 
-/// Every map of the contract, pinned by these names.
-pub const MAP_NAMES: [&str; 8] = [
-    FLOWS_MAP,
-    TENANT_LIMITS_MAP,
-    TENANT_STATE_MAP,
-    UNKNOWN_STATE_MAP,
-    COUNTERS_MAP,
-    DROP_AGG_MAP,
-    SETTINGS_MAP,
-    EVENTS_MAP,
-];
+pub use bulkhead_ebpf_common::MAP_NAMES;
 /// Pin name of the ingress link.
 pub const LINK_INGRESS: &str = "link_ingress";
 /// Pin name of the egress link.
