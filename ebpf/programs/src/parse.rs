@@ -1,8 +1,17 @@
 //! The flow of a packet: its remote address, port and protocol.
 //!
 //! A `cgroup_skb` program sees the packet from its IP header on (ingress
-//! and egress alike), so offset 0 holds the version nibble. Headers are read
-//! with `bpf_skb_load_bytes`, which also works on non-linear skbs.
+//! and egress alike), so offset 0 holds the version nibble. The common case
+//! (an IPv4 header without options, or an IPv6 fixed header, followed by the
+//! ports, all in the skb's linear part) is read directly from packet memory;
+//! anything else is read with `bpf_skb_load_bytes`, which also works on
+//! non-linear skbs. Each helper call costs about 50 ns on the machines we
+//! measured, a third of the program's budget.
+
+#![expect(
+    unsafe_code,
+    reason = "direct packet access reads through raw pointers the verifier bounds-checks"
+)]
 
 use aya_ebpf::programs::SkBuffContext;
 use bulkhead_ebpf_common::{FAMILY_IPV4, FAMILY_IPV6, FlowKey, PROTO_TCP, PROTO_UDP};
@@ -31,12 +40,103 @@ const IPV4_OFFSET_MASK: u16 = 0x1fff;
 /// only ever see reassembled datagrams, so the programs never meet one.
 #[inline(always)]
 pub fn flow_key(ctx: &SkBuffContext, remote: Remote) -> Option<FlowKey> {
+    if let Some(key) = direct(ctx, remote) {
+        return key;
+    }
     let first: u8 = ctx.load(0).ok()?;
     match first >> 4 {
         4 => ipv4(ctx, first, remote),
         6 => ipv6(ctx, remote),
         _ => None,
     }
+}
+
+/// The flow read straight from the linear packet data: `Some(result)` when
+/// the headers it needs are there (an IPv4 header without options, or an
+/// IPv6 fixed header, plus 4 bytes of ports), `None` to fall back to the
+/// helper path.
+#[inline(always)]
+fn direct(ctx: &SkBuffContext, remote: Remote) -> Option<Option<FlowKey>> {
+    // SAFETY: the context's `__sk_buff`; reading `data` and `data_end` gives
+    // the verifier's packet pointers, and every read below is bounds-checked
+    // against `data_end` first.
+    let (data, end) = unsafe {
+        (
+            (*ctx.skb.skb).data as usize,
+            (*ctx.skb.skb).data_end as usize,
+        )
+    };
+    if data + IPV4_MIN_HEADER + 4 > end {
+        return None;
+    }
+    // SAFETY: in bounds (checked above).
+    let first = unsafe { *(data as *const u8) };
+    if first == 0x45 {
+        // SAFETY: 24 bytes are in bounds (checked above).
+        let h: [u8; IPV4_MIN_HEADER + 4] =
+            unsafe { core::ptr::read_unaligned(data as *const [u8; IPV4_MIN_HEADER + 4]) };
+        if u16::from_be_bytes([h[6], h[7]]) & IPV4_OFFSET_MASK != 0 {
+            return Some(None);
+        }
+        let Some(protocol) = transport(h[9]) else {
+            return Some(None);
+        };
+        let (at, port_at) = match remote {
+            Remote::Source => (12, 20),
+            Remote::Destination => (16, 22),
+        };
+        return Some(Some(FlowKey {
+            addr: [
+                h[at],
+                h[at + 1],
+                h[at + 2],
+                h[at + 3],
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ],
+            port: u16::from_be_bytes([h[port_at], h[port_at + 1]]),
+            protocol,
+            family: FAMILY_IPV4,
+        }));
+    }
+    if first >> 4 == 6 {
+        if data + IPV6_HEADER + 4 > end {
+            return None;
+        }
+        // SAFETY: 44 bytes are in bounds (checked just above).
+        let h: [u8; IPV6_HEADER + 4] =
+            unsafe { core::ptr::read_unaligned(data as *const [u8; IPV6_HEADER + 4]) };
+        let Some(protocol) = transport(h[6]) else {
+            return Some(None);
+        };
+        let (at, port_at) = match remote {
+            Remote::Source => (8, 40),
+            Remote::Destination => (24, 42),
+        };
+        let mut addr = [0_u8; 16];
+        let mut i = 0;
+        while i < 16 {
+            addr[i] = h[at + i];
+            i += 1;
+        }
+        return Some(Some(FlowKey {
+            addr,
+            port: u16::from_be_bytes([h[port_at], h[port_at + 1]]),
+            protocol,
+            family: FAMILY_IPV6,
+        }));
+    }
+    None
 }
 
 /// An IPv4 packet's flow; `first` is its first byte (version and IHL).
