@@ -77,8 +77,8 @@ fn nightly_cargo(root: &Path, subcommand: &str) -> Command {
 /// The hint for a failed nightly build.
 fn needs_setup() -> String {
     format!(
-        "the eBPF build needs the {NIGHTLY} of {NIGHTLY_DATE} with rust-src, and bpf-linker: \
-         run `cargo xtask setup --ebpf`"
+        "the eBPF step failed (its output is above; if the {NIGHTLY} of {NIGHTLY_DATE} with \
+         rust-src or bpf-linker is missing, run `cargo xtask setup --ebpf`)"
     )
 }
 

@@ -40,8 +40,10 @@ const IPV4_OFFSET_MASK: u16 = 0x1fff;
 /// only ever see reassembled datagrams, so the programs never meet one.
 #[inline(always)]
 pub fn flow_key(ctx: &SkBuffContext, remote: Remote) -> Option<FlowKey> {
-    if let Some(key) = direct(ctx, remote) {
-        return key;
+    match direct(ctx, remote) {
+        Direct::Flow(key) => return Some(key),
+        Direct::Other => return None,
+        Direct::Fallback => {}
     }
     let first: u8 = ctx.load(0).ok()?;
     match first >> 4 {
@@ -51,12 +53,21 @@ pub fn flow_key(ctx: &SkBuffContext, remote: Remote) -> Option<FlowKey> {
     }
 }
 
-/// The flow read straight from the linear packet data: `Some(result)` when
-/// the headers it needs are there (an IPv4 header without options, or an
-/// IPv6 fixed header, plus 4 bytes of ports), `None` to fall back to the
-/// helper path.
+/// What reading the linear packet data directly found.
+enum Direct {
+    /// A TCP or UDP flow.
+    Flow(FlowKey),
+    /// A packet the programs leave alone (not TCP or UDP, a fragment).
+    Other,
+    /// The headers are not all in the linear data, or IPv4 has options: use the helper path.
+    Fallback,
+}
+
+/// The flow read straight from the linear packet data, when the headers it
+/// needs are there: an IPv4 header without options, or an IPv6 fixed header,
+/// plus 4 bytes of ports.
 #[inline(always)]
-fn direct(ctx: &SkBuffContext, remote: Remote) -> Option<Option<FlowKey>> {
+fn direct(ctx: &SkBuffContext, remote: Remote) -> Direct {
     // SAFETY: the context's `__sk_buff`; reading `data` and `data_end` gives
     // the verifier's packet pointers, and every read below is bounds-checked
     // against `data_end` first.
@@ -67,7 +78,7 @@ fn direct(ctx: &SkBuffContext, remote: Remote) -> Option<Option<FlowKey>> {
         )
     };
     if data + IPV4_MIN_HEADER + 4 > end {
-        return None;
+        return Direct::Fallback;
     }
     // SAFETY: in bounds (checked above).
     let first = unsafe { *(data as *const u8) };
@@ -76,16 +87,16 @@ fn direct(ctx: &SkBuffContext, remote: Remote) -> Option<Option<FlowKey>> {
         let h: [u8; IPV4_MIN_HEADER + 4] =
             unsafe { core::ptr::read_unaligned(data as *const [u8; IPV4_MIN_HEADER + 4]) };
         if u16::from_be_bytes([h[6], h[7]]) & IPV4_OFFSET_MASK != 0 {
-            return Some(None);
+            return Direct::Other;
         }
         let Some(protocol) = transport(h[9]) else {
-            return Some(None);
+            return Direct::Other;
         };
         let (at, port_at) = match remote {
             Remote::Source => (12, 20),
             Remote::Destination => (16, 22),
         };
-        return Some(Some(FlowKey {
+        return Direct::Flow(FlowKey {
             addr: [
                 h[at],
                 h[at + 1],
@@ -107,17 +118,17 @@ fn direct(ctx: &SkBuffContext, remote: Remote) -> Option<Option<FlowKey>> {
             port: u16::from_be_bytes([h[port_at], h[port_at + 1]]),
             protocol,
             family: FAMILY_IPV4,
-        }));
+        });
     }
     if first >> 4 == 6 {
         if data + IPV6_HEADER + 4 > end {
-            return None;
+            return Direct::Fallback;
         }
         // SAFETY: 44 bytes are in bounds (checked just above).
         let h: [u8; IPV6_HEADER + 4] =
             unsafe { core::ptr::read_unaligned(data as *const [u8; IPV6_HEADER + 4]) };
         let Some(protocol) = transport(h[6]) else {
-            return Some(None);
+            return Direct::Other;
         };
         let (at, port_at) = match remote {
             Remote::Source => (8, 40),
@@ -129,14 +140,14 @@ fn direct(ctx: &SkBuffContext, remote: Remote) -> Option<Option<FlowKey>> {
             addr[i] = h[at + i];
             i += 1;
         }
-        return Some(Some(FlowKey {
+        return Direct::Flow(FlowKey {
             addr,
             port: u16::from_be_bytes([h[port_at], h[port_at + 1]]),
             protocol,
             family: FAMILY_IPV6,
-        }));
+        });
     }
-    None
+    Direct::Fallback
 }
 
 /// An IPv4 packet's flow; `first` is its first byte (version and IHL).
