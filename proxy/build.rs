@@ -15,16 +15,10 @@
 //! The nested `cargo` uses its own target directory (`target/ebpf`): the
 //! outer cargo holds the lock of `target/` while this script runs.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-/// The nightly toolchain of the eBPF build, as `xtask/src/setup.rs` pins it.
-const NIGHTLY: &str = "nightly";
-/// The package of the eBPF programs and its binary (the object).
-const PACKAGE: &str = "bulkhead-ebpf";
-/// The BPF target.
-const TARGET: &str = "bpfel-unknown-none";
+include!("../ebpf/build_spec.rs");
 
 fn main() -> ExitCode {
     println!("cargo::rustc-check-cfg=cfg(bulkhead_ebpf_object)");
@@ -39,6 +33,7 @@ fn main() -> ExitCode {
         "ebpf/programs/Cargo.toml",
         "ebpf/common/src",
         "ebpf/common/Cargo.toml",
+        "ebpf/build_spec.rs",
     ] {
         println!("cargo::rerun-if-changed={}", root.join(watched).display());
     }
@@ -56,12 +51,11 @@ fn main() -> ExitCode {
     }
 
     let target_dir = root.join("target").join("ebpf");
-    let mut cmd = nightly(&root, "cargo");
-    cmd.args(["build", "--package", PACKAGE, "--bins", "--release"])
-        .args(["--target", TARGET, "-Z", "build-std=core"])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .env("CARGO_ENCODED_RUSTFLAGS", rustflags());
+    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".to_owned());
+    let mut cmd = ebpf_cargo(&root, "build", &arch);
+    clear_outer_env(&mut cmd);
+    cmd.args(["--bins", "--release", "--target-dir"])
+        .arg(&target_dir);
     let output = match cmd.output() {
         Ok(output) => output,
         Err(err) => {
@@ -79,7 +73,10 @@ fn main() -> ExitCode {
         eprintln!("(set BULKHEAD_EBPF=off to build without kernel enforcement)");
         return ExitCode::FAILURE;
     }
-    let object = target_dir.join(TARGET).join("release").join(PACKAGE);
+    let object = target_dir
+        .join(EBPF_TARGET)
+        .join("release")
+        .join(EBPF_PACKAGE);
     if !object.is_file() {
         eprintln!(
             "error: the eBPF build succeeded but {} is not there",
@@ -99,25 +96,27 @@ fn toolchain_present() -> Result<(), String> {
     if !linker.is_ok_and(|o| o.status.success()) {
         return Err("bpf-linker not found".to_owned());
     }
-    let sysroot = nightly(root, "rustc")
+    let mut rustc = Command::new("rustc");
+    clear_outer_env(&mut rustc);
+    let sysroot = rustc
+        .current_dir(root)
+        .arg(format!("+{EBPF_NIGHTLY}"))
         .args(["--print", "sysroot"])
         .output()
         .ok()
         .filter(|o| o.status.success())
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
     let Some(sysroot) = sysroot else {
-        return Err(format!("toolchain `{NIGHTLY}` not installed"));
+        return Err(format!("toolchain `{EBPF_NIGHTLY}` not installed"));
     };
     if !sysroot.join("lib/rustlib/src/rust/library").is_dir() {
-        return Err(format!("toolchain `{NIGHTLY}` has no rust-src"));
+        return Err(format!("toolchain `{EBPF_NIGHTLY}` has no rust-src"));
     }
     Ok(())
 }
 
-/// `program` (cargo or rustc) of the nightly, run in `dir` with the outer build's env cleared.
-fn nightly(dir: &Path, program: &str) -> Command {
-    let mut cmd = Command::new(program);
-    cmd.current_dir(dir).arg(format!("+{NIGHTLY}"));
+/// Clears from `cmd` the environment the outer build gives this script.
+fn clear_outer_env(cmd: &mut Command) {
     // The outer cargo sets these for build scripts (its toolchain, its rustc,
     // its flags, its jobserver, the script's own target and profile); the
     // nested build must see none of them. CARGO_HOME and RUSTUP_HOME stay.
@@ -143,16 +142,4 @@ fn nightly(dir: &Path, program: &str) -> Command {
             cmd.env_remove(key);
         }
     }
-    cmd
-}
-
-/// The rustc flags of the BPF build (as `xtask build-ebpf` and aya-build use), `\x1f`-separated.
-fn rustflags() -> OsString {
-    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".to_owned());
-    let flags = [
-        format!("--cfg=bpf_target_arch=\"{arch}\""),
-        "-Cdebuginfo=2".to_owned(),
-        "-Clink-arg=--btf".to_owned(),
-    ];
-    OsString::from(flags.join("\x1f"))
 }

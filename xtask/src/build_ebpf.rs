@@ -1,24 +1,15 @@
 //! `cargo xtask build-ebpf`: build `ebpf/programs` for the BPF target with the pinned nightly.
 //!
-//! The flags follow `aya-build` (what the proxy's `build.rs` will use later):
-//! `-Z build-std=core` for `bpfel-unknown-none`, whose target spec links with
-//! `bpf-linker`; `bpf_target_arch` set to the host's architecture for
-//! aya-ebpf's per-architecture code; full debug info and `--btf` so the
-//! object carries the BTF that aya and the verifier read.
+//! The command and its flags live in `ebpf/build_spec.rs`, shared with the
+//! proxy's `build.rs`, which builds the same object to embed it.
 
 use crate::process;
-use crate::setup::{NIGHTLY, NIGHTLY_DATE};
+use crate::setup::NIGHTLY_DATE;
 use anyhow::{Context as _, bail};
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The package of the eBPF programs.
-const PACKAGE: &str = "bulkhead-ebpf";
-/// Its binary target: the object file the loader embeds.
-const OBJECT: &str = "bulkhead-ebpf";
-/// The BPF target: little-endian, as every host bulkhead runs on.
-const TARGET: &str = "bpfel-unknown-none";
+include!("../../ebpf/build_spec.rs");
 
 /// Options of `cargo xtask build-ebpf`.
 #[derive(Debug, Default, clap::Args)]
@@ -38,7 +29,11 @@ pub fn run(root: &Path, opts: &BuildEbpfOptions) -> anyhow::Result<PathBuf> {
     process::run("build-ebpf", &mut cmd).with_context(needs_setup)?;
 
     let profile = if opts.release { "release" } else { "debug" };
-    let object = root.join("target").join(TARGET).join(profile).join(OBJECT);
+    let object = root
+        .join("target")
+        .join(EBPF_TARGET)
+        .join(profile)
+        .join(EBPF_PACKAGE);
     if !object.is_file() {
         bail!("the build succeeded but {} is not there", object.display());
     }
@@ -55,12 +50,7 @@ pub fn clippy(root: &Path) -> anyhow::Result<()> {
 
 /// `cargo +nightly <subcommand>` of the eBPF package for the BPF target, in `root`.
 fn nightly_cargo(root: &Path, subcommand: &str) -> Command {
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(root)
-        .arg(format!("+{NIGHTLY}"))
-        .args([subcommand, "--package", PACKAGE, "--target", TARGET])
-        .args(["-Z", "build-std=core"])
-        .env("CARGO_ENCODED_RUSTFLAGS", rustflags());
+    let mut cmd = ebpf_cargo(root, subcommand, std::env::consts::ARCH);
     // The outer `cargo xtask` runs under the stable toolchain; let `+nightly` decide alone.
     for key in [
         "RUSTUP_TOOLCHAIN",
@@ -77,17 +67,7 @@ fn nightly_cargo(root: &Path, subcommand: &str) -> Command {
 /// The hint for a failed nightly build.
 fn needs_setup() -> String {
     format!(
-        "the eBPF step failed (its output is above; if the {NIGHTLY} of {NIGHTLY_DATE} with \
+        "the eBPF step failed (its output is above; if the {EBPF_NIGHTLY} of {NIGHTLY_DATE} with \
          rust-src or bpf-linker is missing, run `cargo xtask setup --ebpf`)"
     )
-}
-
-/// The rustc flags of the BPF build, `\x1f`-separated as `CARGO_ENCODED_RUSTFLAGS` wants.
-fn rustflags() -> OsString {
-    let flags = [
-        format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
-        "-Cdebuginfo=2".to_owned(),
-        "-Clink-arg=--btf".to_owned(),
-    ];
-    OsString::from(flags.join("\x1f"))
 }

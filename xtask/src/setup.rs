@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 
 /// The nightly toolchain the eBPF crate builds with, by rustup name.
-pub const NIGHTLY: &str = "nightly";
+pub const NIGHTLY: &str = crate::build_ebpf::EBPF_NIGHTLY;
 /// The build date the nightly must have: bpf-linker is tied to its LLVM major (22).
 pub const NIGHTLY_DATE: &str = "2026-05-19";
 /// The LLVM major version shared by the nightly, bpf-linker and the Debian package.
