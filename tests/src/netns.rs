@@ -183,3 +183,64 @@ pub fn spawn_in_netns(
         .stderr(Stdio::piped())
         .spawn()
 }
+
+/// A BPF filesystem mounted for one test at a directory of its own, so the
+/// test neither needs nor touches the host's `/sys/fs/bpf`; unmounted on drop.
+#[derive(Debug)]
+pub struct PrivateBpffs {
+    path: PathBuf,
+}
+
+impl PrivateBpffs {
+    /// Mounts a fresh bpffs at `path` (unmounting a leftover of a killed run first).
+    pub fn new(path: PathBuf) -> io::Result<Self> {
+        let arg = path
+            .to_str()
+            .ok_or_else(|| io::Error::other(format!("{} is not UTF-8", path.display())))?
+            .to_owned();
+        let _ = run("umount", &[&arg]);
+        std::fs::create_dir_all(&path)?;
+        run("mount", &["-t", "bpf", "bpf", &arg])?;
+        Ok(Self { path })
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.to_str() {
+            let _ = run("umount", &[path]);
+        }
+    }
+}
+
+/// A directory removed, with everything in it, on drop.
+#[derive(Debug)]
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    /// Creates `<temp dir>/<name>` afresh.
+    pub fn new(name: &str) -> io::Result<Self> {
+        let path = std::env::temp_dir().join(name);
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+
+    /// `<dir>/<name>`.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

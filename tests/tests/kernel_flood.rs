@@ -8,10 +8,11 @@
 
 use bulkhead::ebpf::{KernelPlane, Origin, Protocol};
 use bulkhead_core::config::Config;
-use bulkhead_tests::netns::{self, RX_V4, RX_V6, TX_V4, TX_V6, TestCgroup, VethPair};
+use bulkhead_tests::netns::{
+    self, PrivateBpffs, RX_V4, RX_V6, ScratchDir, TX_V4, TX_V6, TestCgroup, VethPair,
+};
 use serde_json::Value;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Child;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -60,9 +61,9 @@ struct World {
     pair: VethPair,
     cgroup: TestCgroup,
     instance: String,
-    dir: PathBuf,
-    /// A private bpffs mounted for this test, so it neither needs nor touches the host's.
-    bpffs: PathBuf,
+    // Dropped in this order: the bpffs is unmounted before its directory goes.
+    bpffs: PrivateBpffs,
+    dir: ScratchDir,
 }
 
 impl World {
@@ -72,13 +73,10 @@ impl World {
         let pair = VethPair::new(&format!("{tag}{pid}")).unwrap();
         let cgroup = TestCgroup::new(&format!("bulkhead-test-{tag}-{pid}")).unwrap();
         let instance = format!("test-{tag}-{pid}");
-        let dir = std::env::temp_dir().join(format!("bh-{tag}-{pid}"));
-        let bpffs = dir.join("bpffs");
-        let _ = netns::run("umount", &[bpffs.to_str().unwrap()]);
-        std::fs::create_dir_all(&bpffs).unwrap();
-        netns::run("mount", &["-t", "bpf", "bpf", bpffs.to_str().unwrap()]).unwrap();
+        let dir = ScratchDir::new(&format!("bh-{tag}-{pid}")).unwrap();
+        let bpffs = PrivateBpffs::new(dir.join("bpffs")).unwrap();
         let config = Config::from_toml_str(CONFIG).unwrap();
-        let plane = KernelPlane::load(&config, cgroup.path(), &instance, &bpffs)
+        let plane = KernelPlane::load(&config, cgroup.path(), &instance, bpffs.path())
             .unwrap_or_else(|e| panic!("loading the kernel programs: {}", e.chain()));
         assert_eq!(plane.origin(), Origin::Loaded);
         (
@@ -86,8 +84,8 @@ impl World {
                 pair,
                 cgroup,
                 instance,
-                dir,
                 bpffs,
+                dir,
             },
             plane,
         )
@@ -169,9 +167,8 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        let _ = KernelPlane::unload(&self.bpffs, &self.instance);
-        let _ = netns::run("umount", &[self.bpffs.to_str().unwrap_or_default()]);
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // Detach first; the bpffs unmounts (its own drop) before the directory goes.
+        let _ = KernelPlane::unload(self.bpffs.path(), &self.instance);
     }
 }
 
@@ -382,8 +379,13 @@ fn pinned_programs_keep_enforcing_across_a_restart_and_unload_leaves_nothing() {
 
     // A restarted proxy reuses the pinned instance, flows and all.
     let config = Config::from_toml_str(CONFIG).unwrap();
-    let plane =
-        KernelPlane::load(&config, world.cgroup.path(), &world.instance, &world.bpffs).unwrap();
+    let plane = KernelPlane::load(
+        &config,
+        world.cgroup.path(),
+        &world.instance,
+        world.bpffs.path(),
+    )
+    .unwrap();
     assert_eq!(plane.origin(), Origin::Reused);
     assert_eq!(
         plane.flow_tenant(from(7007), Protocol::Udp).unwrap(),
@@ -391,7 +393,7 @@ fn pinned_programs_keep_enforcing_across_a_restart_and_unload_leaves_nothing() {
     );
     drop(plane);
 
-    let report = KernelPlane::unload(&world.bpffs, &world.instance).unwrap();
+    let report = KernelPlane::unload(world.bpffs.path(), &world.instance).unwrap();
     assert!(report.was_loaded());
     assert!(!pin_dir.exists(), "{} still exists", pin_dir.display());
     // Nothing is attached any more: the same flood now passes whole, unmarked.

@@ -2,7 +2,7 @@
 //! datagram from the sending namespace arrives in the receiving one, with mark 0.
 //! Needs root (CI runs as root); without it the test fails with the reason.
 
-use bulkhead_tests::netns::{self, RX_V4, TX_V4, TestCgroup, VethPair};
+use bulkhead_tests::netns::{self, RX_V4, ScratchDir, TX_V4, TestCgroup, VethPair};
 
 #[test]
 fn paced_datagrams_cross_the_veth_with_mark_zero() {
@@ -12,8 +12,7 @@ fn paced_datagrams_cross_the_veth_with_mark_zero() {
     );
     let pair = VethPair::new(&format!("h{}", std::process::id() % 10_000)).unwrap();
     let cgroup = TestCgroup::new(&format!("bulkhead-test-harness-{}", std::process::id())).unwrap();
-    let dir = std::env::temp_dir().join(format!("bh-harness-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new(&format!("bh-harness-{}", std::process::id())).unwrap();
     let ready = dir.join("ready");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/udp_recv.py");
     let receiver = cgroup
@@ -75,5 +74,4 @@ fn paced_datagrams_cross_the_veth_with_mark_zero() {
     // SO_RCVMARK reports the mark of every datagram: zero, as nothing set one.
     assert_eq!(got["unmarked"].as_u64(), Some(0));
     assert_eq!(got["ports"]["7001"]["marks"]["0"].as_u64(), Some(sent));
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -307,13 +307,6 @@ impl<T> FairQueue<T> {
         Some(self.pop(slot))
     }
 
-    /// The tenants with queued requests, least served first.
-    pub fn backlogged(&self) -> impl Iterator<Item = &TenantId> {
-        self.backlogged
-            .iter()
-            .map(|&(_, _, slot)| &self.state(slot).id)
-    }
-
     fn pop(&mut self, slot: usize) -> Dequeued<T> {
         let cost_weights = self.weights;
         let state = self.state_mut(slot);

@@ -79,7 +79,7 @@
 
 use bulkhead::ebpf::{KernelPlane, Protocol};
 use bulkhead_core::config::Config;
-use bulkhead_tests::netns::{self, RX_V4, TX_V4, TestCgroup, VethPair};
+use bulkhead_tests::netns::{self, PrivateBpffs, RX_V4, ScratchDir, TX_V4, TestCgroup, VethPair};
 use std::error::Error;
 use std::fmt::Write as _;
 use std::net::UdpSocket;
@@ -238,9 +238,9 @@ struct World {
     pair: VethPair,
     cgroup: TestCgroup,
     instance: String,
-    dir: PathBuf,
-    bpffs: PathBuf,
-    mounted: bool,
+    // Dropped in this order: the bpffs is unmounted before its directory goes.
+    bpffs: PrivateBpffs,
+    dir: ScratchDir,
 }
 
 impl World {
@@ -248,49 +248,17 @@ impl World {
         let pid = std::process::id() % 10_000;
         let pair = VethPair::new(&format!("kb{pid}"))?;
         let cgroup = TestCgroup::new(&format!("bulkhead-bench-{pid}"))?;
-        let dir = std::env::temp_dir().join(format!("bh-kernel-bench-{pid}"));
-        let bpffs = dir.join("bpffs");
-        let mut world = Self {
+        let dir = ScratchDir::new(&format!("bh-kernel-bench-{pid}"))?;
+        let bpffs = PrivateBpffs::new(dir.join("bpffs"))?;
+        // VethPair's static neighbour entries let the sender transmit while
+        // the receiving end is down (the baseline) without waiting for ARP.
+        let world = Self {
             pair,
             cgroup,
             instance: format!("bench-{pid}"),
-            dir,
             bpffs,
-            mounted: false,
+            dir,
         };
-        let bpffs = path_str(&world.bpffs)?.to_owned();
-        let _ = netns::run("umount", &[&bpffs]);
-        std::fs::create_dir_all(&world.bpffs)?;
-        netns::run("mount", &["-t", "bpf", "bpf", &bpffs])?;
-        world.mounted = true;
-        // The sender needs no ARP answer while the receiving end is down (baseline).
-        let mac = netns::run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &world.pair.rx,
-                "cat",
-                "/sys/class/net/veth-rx/address",
-            ],
-        )?;
-        let mac = String::from_utf8(mac.stdout)?;
-        netns::run(
-            "ip",
-            &[
-                "-n",
-                &world.pair.tx,
-                "neigh",
-                "replace",
-                RX_V4,
-                "lladdr",
-                mac.trim(),
-                "dev",
-                "veth-tx",
-                "nud",
-                "permanent",
-            ],
-        )?;
         Ok(world)
     }
 
@@ -324,8 +292,13 @@ impl World {
 
     fn load(&self) -> Result<KernelPlane> {
         let config = Config::from_toml_str(CONFIG)?;
-        let mut plane = KernelPlane::load(&config, self.cgroup.path(), &self.instance, &self.bpffs)
-            .map_err(|e| format!("loading the kernel programs: {}", e.chain()))?;
+        let mut plane = KernelPlane::load(
+            &config,
+            self.cgroup.path(),
+            &self.instance,
+            self.bpffs.path(),
+        )
+        .map_err(|e| format!("loading the kernel programs: {}", e.chain()))?;
         let from = format!("{TX_V4}:{FLOOD_PORT}").parse()?;
         plane
             .register_flow(from, Protocol::Udp, 0)
@@ -400,15 +373,9 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        if self.mounted {
-            // Detaches the programs and removes the pins, if they were loaded.
-            let _ = KernelPlane::unload(&self.bpffs, &self.instance);
-            if let Some(bpffs) = self.bpffs.to_str() {
-                let _ = netns::run("umount", &[bpffs]);
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-        // Then the cgroup and the namespaces (their own drops).
+        // Detaches the programs and removes the pins, if they were loaded; then
+        // the namespaces, the cgroup, the bpffs and the directory (their own drops).
+        let _ = KernelPlane::unload(self.bpffs.path(), &self.instance);
     }
 }
 

@@ -330,14 +330,4 @@ impl SortingWfq {
         }
         self.queue.push((tag, ticket));
     }
-
-    /// Queued requests in all.
-    pub fn len(&self) -> usize {
-        self.queue.len()
-    }
-
-    /// Whether nothing is queued.
-    pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
 }
