@@ -48,14 +48,16 @@ mod request_id;
 pub use self::{
     frame::{FrameDecoder, MAX_FRAME_LEN, WireError, WireMessage, encode_frame},
     message::{
-        Capacity, FinishReason, Finished, Hello, ProxyToWorker, Role, Sampling, Submit,
-        TenantBlocks, Violation, ViolationKind, WorkerBackend, WorkerInfo, WorkerToProxy,
+        Capacity, FinishReason, Finished, Hello, ProxyToWorker, RejectKind, Rejected, Role,
+        Sampling, Submit, TenantBlocks, Violation, ViolationKind, WorkerBackend, WorkerInfo,
+        WorkerToProxy,
     },
     request_id::{ParseRequestIdError, RequestId},
 };
 
-/// This build's wire version: `major << 8 | minor` (1.0).
-pub const WIRE_VERSION: u16 = 0x0100;
+/// This build's wire version: `major << 8 | minor` (1.1: 1.0 plus
+/// [`WorkerToProxy::Rejected`]).
+pub const WIRE_VERSION: u16 = 0x0101;
 
 /// The major part of a wire version: peers must agree on it.
 pub const fn wire_major(version: u16) -> u8 {

@@ -4,9 +4,9 @@
 
 use bulkhead_core::TenantId;
 use bulkhead_core::wire::{
-    Capacity, FinishReason, Finished, FrameDecoder, Hello, MAX_FRAME_LEN, ProxyToWorker, RequestId,
-    Role, Sampling, Submit, TenantBlocks, Violation, ViolationKind, WIRE_VERSION, WireError,
-    WorkerBackend, WorkerInfo, WorkerToProxy, encode_frame,
+    Capacity, FinishReason, Finished, FrameDecoder, Hello, MAX_FRAME_LEN, ProxyToWorker,
+    RejectKind, Rejected, RequestId, Role, Sampling, Submit, TenantBlocks, Violation,
+    ViolationKind, WIRE_VERSION, WireError, WorkerBackend, WorkerInfo, WorkerToProxy, encode_frame,
 };
 
 fn frame_of<M: bulkhead_core::wire::WireMessage>(msg: &M) -> Vec<u8> {
@@ -48,10 +48,10 @@ fn frame_layout_is_length_then_version_then_postcard_payload() {
         request_id: RequestId(5),
     });
     // len = 2 (version) + 1 (variant index 2) + 1 (u128 varint 5)
-    assert_eq!(frame, [0, 0, 0, 4, 0x01, 0x00, 2, 5]);
+    assert_eq!(frame, [0, 0, 0, 4, 0x01, 0x01, 2, 5]);
 
     let frame = frame_of(&ProxyToWorker::Shutdown);
-    assert_eq!(frame, [0, 0, 0, 3, 0x01, 0x00, 3]);
+    assert_eq!(frame, [0, 0, 0, 3, 0x01, 0x01, 3]);
 }
 
 #[test]
@@ -87,6 +87,11 @@ fn every_message_round_trips_in_one_stream() {
             kind: ViolationKind::CrossTenantRead,
             block: 913,
             detail: "block owned by another tenant".to_owned(),
+        }),
+        WorkerToProxy::Rejected(Rejected {
+            request_id: Some(RequestId(2)),
+            kind: RejectKind::PromptTooLong,
+            detail: "prompt of 9000 tokens; the context holds 8192".to_owned(),
         }),
         WorkerToProxy::Finished(Finished {
             request_id: RequestId(1),
@@ -158,7 +163,7 @@ fn hello_carries_the_version_and_refuses_another_major() {
     );
     assert_eq!(
         err.to_string(),
-        "wire version mismatch: we speak 1.0, the peer speaks 2.0 (major versions must match)"
+        "wire version mismatch: we speak 1.1, the peer speaks 2.1 (major versions must match)"
     );
 }
 
@@ -294,6 +299,26 @@ fn unknown_variants_and_invalid_tenant_ids_are_malformed() {
             detail: String::new(),
         })))
     );
+}
+
+#[test]
+fn a_malformed_payload_skips_its_frame_and_the_next_frame_decodes() {
+    let mut decoder = FrameDecoder::<ProxyToWorker>::new();
+    decoder.push(&raw_frame(WIRE_VERSION, &[99]));
+    decoder.push(&frame_of(&ProxyToWorker::Shutdown));
+    assert!(matches!(
+        decoder.next_message(),
+        Err(WireError::Malformed { .. })
+    ));
+    assert!(!decoder.is_poisoned());
+    assert_eq!(decoder.next_message(), Ok(Some(ProxyToWorker::Shutdown)));
+
+    // A framing error, by contrast, ends the stream.
+    decoder.push(&[0, 0, 0, 1, 0x01]);
+    decoder.push(&frame_of(&ProxyToWorker::Shutdown));
+    assert!(decoder.next_message().is_err());
+    assert!(decoder.is_poisoned());
+    assert!(decoder.next_message().is_err());
 }
 
 #[test]

@@ -3,9 +3,9 @@
 
 use bulkhead_core::TenantId;
 use bulkhead_core::wire::{
-    Capacity, FinishReason, Finished, FrameDecoder, Hello, ProxyToWorker, RequestId, Sampling,
-    Submit, TenantBlocks, Violation, ViolationKind, WIRE_VERSION, WireError, WireMessage,
-    WorkerBackend, WorkerInfo, WorkerToProxy, encode_frame,
+    Capacity, FinishReason, Finished, FrameDecoder, Hello, ProxyToWorker, RejectKind, Rejected,
+    RequestId, Sampling, Submit, TenantBlocks, Violation, ViolationKind, WIRE_VERSION, WireError,
+    WireMessage, WorkerBackend, WorkerInfo, WorkerToProxy, encode_frame,
 };
 use proptest::prelude::*;
 
@@ -151,7 +151,29 @@ fn to_proxy() -> impl Strategy<Value = WorkerToProxy> {
             })
         },
     );
+    let reject_kind = prop_oneof![
+        Just(RejectKind::MalformedFrame),
+        Just(RejectKind::ProtocolViolation),
+        Just(RejectKind::UnknownModel),
+        Just(RejectKind::UnknownTenant),
+        Just(RejectKind::InvalidPrompt),
+        Just(RejectKind::PromptTooLong),
+        Just(RejectKind::InvalidSampling),
+        Just(RejectKind::QuotaExhausted),
+        Just(RejectKind::DuplicateRequest),
+        Just(RejectKind::ShuttingDown),
+    ];
+    let rejected = (prop::option::of(request_id()), reject_kind, ".{0,24}").prop_map(
+        |(request_id, kind, detail)| {
+            WorkerToProxy::Rejected(Rejected {
+                request_id,
+                kind,
+                detail,
+            })
+        },
+    );
     prop_oneof![
+        1 => rejected,
         1 => hello().prop_map(WorkerToProxy::Hello),
         4 => (request_id(), any::<u32>(), tokens(32)).prop_map(|(request_id, first_index, tokens)| {
             WorkerToProxy::Tokens { request_id, first_index, tokens }
@@ -196,10 +218,14 @@ fn drain_garbage<M: WireMessage>(chunks: &[Vec<u8>]) {
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(err) => {
-                    // Errors are sticky and render.
                     assert!(!err.to_string().is_empty());
-                    assert_eq!(decoder.next_message(), Err(err));
-                    return;
+                    if decoder.is_poisoned() {
+                        // Framing errors are sticky.
+                        assert_eq!(decoder.next_message(), Err(err));
+                        return;
+                    }
+                    // A bad payload consumed its frame: decoding goes on.
+                    assert!(matches!(err, WireError::Malformed { .. }), "{err}");
                 }
             }
         }

@@ -15,8 +15,13 @@ const VERSION_BYTES: usize = 2;
 
 /// Why a frame could not be encoded or decoded.
 ///
-/// Every decoding error is final: the stream can no longer be trusted, so
-/// the connection should be closed (the [`FrameDecoder`] keeps returning it).
+/// A framing error (a length over the limit, a frame too short for its
+/// version, a version mismatch) is final: the stream can no longer be
+/// trusted, so the connection should be closed (the [`FrameDecoder`] keeps
+/// returning it). A payload that is not a valid message inside an intact
+/// frame is [`WireError::Malformed`] too, but the decoder skips that frame and
+/// goes on (see [`FrameDecoder::is_poisoned`]), so a peer can answer it with a
+/// typed error and keep the connection.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     /// The peer speaks another major wire version.
@@ -166,14 +171,17 @@ impl<M: WireMessage> FrameDecoder<M> {
 
     /// The next complete message: `Ok(None)` until one is fully buffered.
     ///
-    /// After an error the decoder returns that error forever: close the connection.
+    /// After a framing error the decoder returns that error forever: close the
+    /// connection. A frame whose payload is malformed is consumed and reported
+    /// once; the next call decodes the frame after it.
     pub fn next_message(&mut self) -> Result<Option<M>, WireError> {
         if let Some(err) = &self.failed {
             return Err(err.clone());
         }
         match self.decode_one() {
             Ok(message) => Ok(message),
-            Err(err) => {
+            Err(FrameFault::Payload(err)) => Err(err),
+            Err(FrameFault::Framing(err)) => {
                 self.failed = Some(err.clone());
                 self.buf = Vec::new();
                 self.start = 0;
@@ -182,49 +190,63 @@ impl<M: WireMessage> FrameDecoder<M> {
         }
     }
 
+    /// Whether a framing error ended this stream (every later call returns it).
+    pub const fn is_poisoned(&self) -> bool {
+        self.failed.is_some()
+    }
+
     /// Bytes pushed but not yet consumed by a decoded message.
     pub fn buffered_len(&self) -> usize {
         self.buf.len() - self.start
     }
 
     /// Decodes the frame at `start` if it is complete.
-    fn decode_one(&mut self) -> Result<Option<M>, WireError> {
+    fn decode_one(&mut self) -> Result<Option<M>, FrameFault> {
         let pending = &self.buf[self.start..];
         let Some((header, rest)) = pending.split_first_chunk::<LEN_BYTES>() else {
             return Ok(None);
         };
         let len = u32::from_be_bytes(*header);
         if len > self.max_frame_len {
-            return Err(WireError::FrameTooLarge {
+            return Err(FrameFault::Framing(WireError::FrameTooLarge {
                 len: u64::from(len),
                 max: self.max_frame_len,
-            });
+            }));
         }
         let len = len as usize;
         if len < VERSION_BYTES {
-            return Err(WireError::Malformed {
+            return Err(FrameFault::Framing(WireError::Malformed {
                 what: format!("{} frame of {len} bytes", M::NAME),
                 reason: format!("shorter than its {VERSION_BYTES}-byte version field"),
-            });
+            }));
         }
         // The version is checked as soon as it is in, before waiting for the payload.
         if let Some((version, _)) = rest.split_first_chunk::<VERSION_BYTES>() {
             let theirs = u16::from_be_bytes(*version);
             if !is_compatible(theirs) {
-                return Err(WireError::VersionMismatch {
+                return Err(FrameFault::Framing(WireError::VersionMismatch {
                     ours: WIRE_VERSION,
                     theirs,
-                });
+                }));
             }
         }
         let Some(frame) = rest.get(..len) else {
             return Ok(None);
         };
         let payload = &frame[VERSION_BYTES..];
-        let message = decode_payload::<M>(payload)?;
+        let message = decode_payload::<M>(payload);
+        // The frame's bounds are known: consume it whether or not its payload decodes.
         self.start += LEN_BYTES + len;
-        Ok(Some(message))
+        message.map(Some).map_err(FrameFault::Payload)
     }
+}
+
+/// Whether an error left the frame boundaries intact.
+enum FrameFault {
+    /// The stream can't be trusted any more.
+    Framing(WireError),
+    /// One frame's payload is bad; the frames after it are fine.
+    Payload(WireError),
 }
 
 /// Decodes one message that must fill `payload` exactly.

@@ -159,6 +159,49 @@ pub enum WorkerToProxy {
     Capacity(Capacity),
     /// The KV guard refused an access: the kernel wrote zeros instead, failing closed.
     Violation(Violation),
+    /// The worker refused a frame or a request, with a typed reason (since 1.1).
+    ///
+    /// A refused [`Submit`] still gets its one [`Finished`] (reason
+    /// [`FinishReason::Error`]) right after this; a malformed frame has no
+    /// request id. The worker stays up and keeps the connection unless the
+    /// framing itself broke.
+    Rejected(Rejected),
+}
+
+/// A refusal: what was refused and why, never echoing request content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// The refused request, when the refusal is about one.
+    pub request_id: Option<RequestId>,
+    /// Why.
+    pub kind: RejectKind,
+    /// Human-readable context (sizes, limits, names; never prompt content).
+    pub detail: String,
+}
+
+/// Why a worker refused a frame or a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RejectKind {
+    /// A frame whose payload is not a valid message (the frame was skipped).
+    MalformedFrame,
+    /// A frame the conversation does not allow here (e.g. no Hello first, a second Hello).
+    ProtocolViolation,
+    /// A model this worker does not serve.
+    UnknownModel,
+    /// A tenant this worker is not configured to serve.
+    UnknownTenant,
+    /// An empty prompt, or a token outside the model's vocabulary.
+    InvalidPrompt,
+    /// The prompt does not fit the model's context length.
+    PromptTooLong,
+    /// Sampling parameters out of range.
+    InvalidSampling,
+    /// The tenant's KV block quota cannot hold the request.
+    QuotaExhausted,
+    /// A request id already running or queued on this worker.
+    DuplicateRequest,
+    /// The worker is draining after a Shutdown.
+    ShuttingDown,
 }
 
 /// How and at what cost a request ended.
