@@ -1,10 +1,24 @@
 //! `bulkhead-kernels`: the worker engine.
 //!
-//! This crate will hold the paged KV cache whose blocks carry their owner
-//! tenant, the CUDA kernels (`kernels/cuda/*.cu`, launched through cudarc)
-//! with their CPU reference of identical guard semantics, the tiny built-in
-//! model and the worker's continuous-batching engine (see
-//! `docs/architecture.md`). It depends on `bulkhead-core` for tenant ids and
-//! the proxy↔worker wire types. Nothing is implemented here yet.
+//! - [`pool`]: the paged KV block pool. Every block carries its owner tenant's
+//!   tag, tenants have quotas, freed blocks are scrubbed before another
+//!   tenant can own them, and the prefix cache is keyed by (tenant, chain
+//!   hash) so it is never shared across tenants.
+//! - [`layout`]: the memory layouts every backend shares (KV cache, block
+//!   tables, owner tags) and the guard's violation flags.
+//! - [`model`]: the built-in Llama-architecture decoder (weights made from a
+//!   seed), its byte-level tokenizer and the samplers.
+//! - [`backend`]: the one trait the engine drives; [`cpu`] is the reference
+//!   implementation, [`cuda`] runs the same math and guard on an NVIDIA GPU,
+//!   [`sim`] runs no math and charges time from a cost model.
+//! - [`engine`]: continuous batching with chunked prefill over the pool and a
+//!   backend, sans-IO (time is passed in); the `bulkhead worker` process wraps it.
 
-#![forbid(unsafe_code)]
+pub mod backend;
+pub mod cpu;
+pub mod cuda;
+pub mod engine;
+pub mod layout;
+pub mod model;
+pub mod pool;
+pub mod sim;
