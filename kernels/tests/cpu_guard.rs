@@ -234,3 +234,21 @@ fn the_backend_fails_closed_per_sequence_and_leaves_the_batch_alone() {
     };
     assert_eq!(block3, clean_block3, "tenant 1 wrote into tenant 2's block");
 }
+
+#[test]
+fn matmul_rows_do_not_depend_on_their_batch() {
+    let (k, m) = (67, 13);
+    let w = random(m * k, 21);
+    let x = random(7 * k, 22);
+    let mut batched = vec![0.0; 7 * m];
+    ops::matmul(&x, &w, k, &mut batched);
+    for r in 0..7 {
+        let mut alone = vec![0.0; m];
+        ops::matmul(&x[r * k..(r + 1) * k], &w, k, &mut alone);
+        assert_eq!(alone, batched[r * m..(r + 1) * m], "row {r}");
+        let dots: Vec<f32> = (0..m)
+            .map(|j| ops::dot(&x[r * k..(r + 1) * k], &w[j * k..(j + 1) * k]))
+            .collect();
+        assert_eq!(alone, dots);
+    }
+}

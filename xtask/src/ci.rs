@@ -22,7 +22,13 @@ pub struct CiOptions {
 /// host it is an empty binary), so it is checked by the eBPF steps instead.
 pub fn run(root: &Path, opts: &CiOptions) -> anyhow::Result<()> {
     let ebpf = !opts.no_ebpf && std::env::var_os("BULKHEAD_CI_EBPF").is_none_or(|v| v != "0");
-    setup::run(root, &SetupOptions { ebpf })?;
+    setup::run(
+        root,
+        &SetupOptions {
+            ebpf,
+            ..SetupOptions::default()
+        },
+    )?;
 
     let cargo = |args: &[&str]| {
         let mut cmd = Command::new("cargo");
@@ -34,7 +40,11 @@ pub fn run(root: &Path, opts: &CiOptions) -> anyhow::Result<()> {
         "clippy",
         &mut cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]),
     )?;
-    process::run("test", &mut cargo(&["test"]))?;
+    // NVRTC (installed by setup) on the library path: the kernels' compile check needs it.
+    process::run(
+        "test",
+        cargo(&["test"]).env("LD_LIBRARY_PATH", crate::nvrtc::library_path(root)),
+    )?;
 
     if ebpf {
         build_ebpf::clippy(root)?;

@@ -7,6 +7,7 @@ mod bench;
 mod build_ebpf;
 mod ci;
 mod kernel;
+mod nvrtc;
 mod process;
 mod setup;
 

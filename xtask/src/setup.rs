@@ -28,6 +28,9 @@ pub struct SetupOptions {
     /// Also install what `cargo xtask build-ebpf` needs: nightly rust-src, LLVM 22, bpf-linker.
     #[arg(long)]
     pub ebpf: bool,
+    /// Skip NVRTC (the pinned `nvidia-cuda-nvrtc` wheel in target/nvrtc) that the CUDA compile check needs.
+    #[arg(long)]
+    pub no_nvrtc: bool,
 }
 
 /// What a step found when it looked.
@@ -78,6 +81,9 @@ pub fn run(root: &Path, opts: &SetupOptions) -> anyhow::Result<()> {
 /// The steps `opts` selects: the base group always, the others by flag.
 fn steps(root: &Path, opts: &SetupOptions) -> anyhow::Result<Vec<Step>> {
     let mut steps = base_steps(root)?;
+    if !opts.no_nvrtc {
+        steps.push(nvrtc_step(root));
+    }
     if opts.ebpf {
         steps.extend(ebpf_steps());
     }
@@ -91,6 +97,25 @@ fn base_steps(root: &Path) -> anyhow::Result<Vec<Step>> {
         .into_iter()
         .map(|component| rustup_component(&toolchain, component))
         .collect())
+}
+
+/// NVRTC 13.0 from `PyPI` in `target/nvrtc`, for the kernels' compile check (see `crate::nvrtc`).
+fn nvrtc_step(root: &Path) -> Step {
+    let (for_check, for_install) = (root.to_path_buf(), root.to_path_buf());
+    Step {
+        name: format!(
+            "NVRTC ({} {})",
+            crate::nvrtc::PACKAGE,
+            crate::nvrtc::VERSION
+        ),
+        check: Box::new(move || {
+            Ok(match crate::nvrtc::check(&for_check) {
+                Ok(what) => Found::Present(what),
+                Err(what) => Found::Missing(what),
+            })
+        }),
+        install: Box::new(move || crate::nvrtc::install(&for_install)),
+    }
 }
 
 /// The nightly with rust-src, LLVM 22's libraries, and bpf-linker built against them.
