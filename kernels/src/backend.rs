@@ -85,3 +85,28 @@ pub trait Backend: Send {
     /// A copy of one block's KV memory, for tests and audits of scrubbing.
     fn read_block(&self, block: u32) -> Result<Vec<f32>, BackendError>;
 }
+
+/// A boxed backend is a backend, so a worker picks one at run time.
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn kind(&self) -> WorkerBackend {
+        (**self).kind()
+    }
+    fn model(&self) -> &ModelConfig {
+        (**self).model()
+    }
+    fn kv_shape(&self) -> KvShape {
+        (**self).kv_shape()
+    }
+    fn set_owner_tags(&mut self, updates: &[(u32, u32)]) -> Result<(), BackendError> {
+        (**self).set_owner_tags(updates)
+    }
+    fn scrub(&mut self, blocks: &[u32]) -> Result<(), BackendError> {
+        (**self).scrub(blocks)
+    }
+    fn step(&mut self, seqs: &[SeqStep<'_>]) -> Result<StepResult, BackendError> {
+        (**self).step(seqs)
+    }
+    fn read_block(&self, block: u32) -> Result<Vec<f32>, BackendError> {
+        (**self).read_block(block)
+    }
+}

@@ -354,6 +354,22 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// Cancels every queued and running request (the proxy went away, or the
+    /// worker stops): each gets its [`Finished`], cancelled.
+    pub fn cancel_all(&mut self) {
+        let mut ids: Vec<RequestId> = self.running.iter().chain(&self.waiting).copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            self.cancel(id);
+        }
+    }
+
+    /// Makes the next [`Self::take_outbox`] report capacity even if unchanged
+    /// (a new proxy connection has seen none).
+    pub fn report_capacity_again(&mut self) {
+        self.last_capacity = None;
+    }
+
     /// Messages for the proxy since the last call, ending with a
     /// [`Capacity`] when it changed.
     pub fn take_outbox(&mut self) -> Vec<WorkerToProxy> {

@@ -270,3 +270,44 @@ impl SimBackend {
         (h % 256) as u32 % self.cfg.vocab.min(256) as u32
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_calibration_is_the_default_and_bad_files_name_the_problem() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/calibration/h100-sxm-llama3-8b-bf16.toml");
+        assert_eq!(CostModel::from_file(&path).unwrap(), CostModel::default());
+
+        let dir = std::env::temp_dir().join(format!("bh-cal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "bandwidth_bytes_per_s = 0.0\n").unwrap();
+        let err = CostModel::from_file(&bad).unwrap_err().to_string();
+        assert!(err.contains("bandwidth_bytes_per_s must be > 0"), "{err}");
+        std::fs::write(&bad, "fixed_nanos = 1.0\n").unwrap();
+        let err = CostModel::from_file(&bad).unwrap_err().to_string();
+        assert!(err.contains("fixed_nanos"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn decode_time_grows_with_context_and_prefill_with_tokens() {
+        let c = CostModel::default();
+        // One decode step of 32 sequences: weights (~6 ms) dominate at short contexts…
+        let short = c.step_time(0, 32, 32 * 128);
+        let long = c.step_time(0, 32, 32 * 8192);
+        assert!(
+            short > Duration::from_millis(6) && short < Duration::from_millis(8),
+            "{short:?}"
+        );
+        // …and the KV read (32 × 8192 tokens × 128 KiB = 34 GB, ~13 ms) at long ones.
+        assert!(
+            long > short * 2 && long < Duration::from_millis(21),
+            "{long:?}"
+        );
+        assert!(c.step_time(512, 0, 512) > c.step_time(256, 0, 256));
+    }
+}

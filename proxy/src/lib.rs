@@ -10,3 +10,4 @@
 
 pub mod ebpf;
 pub mod simulate;
+pub mod worker;

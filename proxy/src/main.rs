@@ -3,6 +3,7 @@
 use anyhow::Context as _;
 use bulkhead::ebpf::{self, KernelPlane, Origin, PlaneStatus};
 use bulkhead::simulate::{self, SimulateOptions};
+use bulkhead::worker::{self, BackendChoice, WorkerOptions};
 use bulkhead_core::config::Config;
 use clap::{Parser, Subcommand};
 use std::fmt::Write as _;
@@ -32,6 +33,43 @@ enum Command {
     /// Kernel enforcement: load, inspect or unload the eBPF programs (as root).
     #[command(subcommand)]
     Ebpf(EbpfCommand),
+    /// Run a worker: the engine (KV pool, batching, kernels) behind a unix socket.
+    Worker(WorkerArgs),
+}
+
+/// `bulkhead worker` options.
+#[derive(Debug, clap::Args)]
+struct WorkerArgs {
+    /// Compute backend.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendChoice,
+    /// Unix socket to listen on (created 0600; a stale one is replaced).
+    #[arg(long)]
+    listen: PathBuf,
+    /// GPU index for `--backend cuda`.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Tenants this worker serves, comma-separated (default: any the proxy sends).
+    #[arg(long, value_delimiter = ',')]
+    tenants: Option<Vec<String>>,
+    /// KV cache blocks (16 tokens each).
+    #[arg(long, default_value_t = 2048)]
+    blocks: usize,
+    /// Batch slots (sequences running at once).
+    #[arg(long, default_value_t = 32)]
+    slots: usize,
+    /// Seed of the built-in model's weights.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Cost-model calibration file for `--backend sim` (TOML).
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+    /// The id the proxy gave this worker (echoed in its Hello).
+    #[arg(long, default_value_t = 0)]
+    worker_id: u32,
+    /// For `--backend sim`: return at once instead of sleeping each step's modelled time.
+    #[arg(long)]
+    sim_fast: bool,
 }
 
 /// Where an instance's pins live.
@@ -84,6 +122,7 @@ fn main() -> ExitCode {
     let output = match cli.command {
         Command::Simulate { seed, verbose } => Ok(simulate::run(SimulateOptions { seed, verbose })),
         Command::Ebpf(command) => run_ebpf(command),
+        Command::Worker(args) => run_worker(args),
     };
     match output {
         Ok(text) => {
@@ -98,6 +137,38 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs a worker until a proxy shuts it down.
+fn run_worker(args: WorkerArgs) -> anyhow::Result<String> {
+    let tenants = args
+        .tenants
+        .map(|names| {
+            names
+                .iter()
+                .map(|n| {
+                    bulkhead_core::TenantId::new(n.trim())
+                        .with_context(|| format!("--tenants: `{n}` is not a tenant id"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .transpose()?;
+    if args.blocks == 0 || args.slots == 0 {
+        anyhow::bail!("--blocks and --slots must be at least 1");
+    }
+    worker::serve(&WorkerOptions {
+        backend: args.backend,
+        listen: args.listen,
+        device: args.device,
+        tenants,
+        blocks: args.blocks,
+        slots: args.slots,
+        seed: args.seed,
+        calibration: args.calibration,
+        worker_id: args.worker_id,
+        sim_realtime: !args.sim_fast,
+    })?;
+    Ok(String::new())
 }
 
 /// Runs an `ebpf` subcommand and returns what to print.

@@ -1,0 +1,364 @@
+//! The worker process: a unix socket in front of the engine.
+
+use anyhow::{Context as _, bail};
+use bulkhead_core::{
+    TenantId,
+    wire::{
+        FrameDecoder, Hello, ProxyToWorker, RejectKind, Rejected, Role, WireError, WorkerToProxy,
+        encode_frame,
+    },
+};
+use bulkhead_kernels::{
+    backend::Backend,
+    cpu::CpuBackend,
+    cuda::CudaBackend,
+    engine::{Engine, EngineConfig},
+    model::{ModelConfig, Weights},
+    sim::{CostModel, SimBackend},
+};
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    os::unix::{
+        fs::PermissionsExt as _,
+        net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError},
+    time::Duration,
+};
+
+/// Which compute backend a worker runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// The CPU reference.
+    Cpu,
+    /// CUDA kernels on an NVIDIA GPU.
+    Cuda,
+    /// The cost model (no math).
+    Sim,
+}
+
+/// How to run a worker.
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// The compute backend.
+    pub backend: BackendChoice,
+    /// The unix socket to listen on.
+    pub listen: PathBuf,
+    /// The GPU index (`cuda`).
+    pub device: usize,
+    /// Tenants served; `None` serves any tenant the proxy sends.
+    pub tenants: Option<Vec<TenantId>>,
+    /// KV blocks in the pool.
+    pub blocks: usize,
+    /// Batch slots.
+    pub slots: usize,
+    /// Seed of the built-in model's weights.
+    pub seed: u64,
+    /// Cost-model calibration (`sim`).
+    pub calibration: Option<PathBuf>,
+    /// The id the proxy knows this worker by (echoed in its Hello).
+    pub worker_id: u32,
+    /// Whether a `sim` worker sleeps for each step's modelled time (real-time pacing).
+    pub sim_realtime: bool,
+}
+
+/// Builds the engine the options describe.
+pub fn build_engine(opts: &WorkerOptions) -> anyhow::Result<Engine<Box<dyn Backend>>> {
+    let model = ModelConfig::tiny();
+    let backend: Box<dyn Backend> = match opts.backend {
+        BackendChoice::Cpu => Box::new(CpuBackend::new(
+            model.clone(),
+            Weights::from_seed(&model, opts.seed),
+            opts.blocks,
+        )?),
+        BackendChoice::Cuda => Box::new(
+            CudaBackend::new(
+                model.clone(),
+                &Weights::from_seed(&model, opts.seed),
+                opts.blocks,
+                opts.device,
+            )
+            .with_context(|| format!("the cuda backend on GPU {}", opts.device))?,
+        ),
+        BackendChoice::Sim => {
+            let cost = match &opts.calibration {
+                Some(path) => CostModel::from_file(path)?,
+                None => CostModel::default(),
+            };
+            Box::new(SimBackend::new(model, opts.blocks, cost)?)
+        }
+    };
+    let cfg = EngineConfig {
+        max_slots: opts.slots,
+        tenants: opts.tenants.as_ref().map(|t| t.iter().cloned().collect()),
+        ..EngineConfig::default()
+    };
+    Ok(Engine::new(backend, cfg))
+}
+
+/// Binds `path` (0600), replacing a stale socket but never a live one.
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!("{} is in use by a running worker", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {} to its owner", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves proxies one connection at a time until one sends `Shutdown` and
+/// the engine drains. Returns an error only when the worker cannot go on
+/// (the socket, or the backend, failed).
+pub fn serve(opts: &WorkerOptions) -> anyhow::Result<()> {
+    let mut engine = build_engine(opts)?;
+    let listener = bind(&opts.listen)?;
+    let info = engine.info();
+    tracing::info!(
+        backend = ?info.backend,
+        socket = %opts.listen.display(),
+        blocks = info.total_blocks,
+        slots = info.max_slots,
+        "worker {} ready",
+        opts.worker_id
+    );
+    let result = (|| {
+        for stream in listener.incoming() {
+            let stream = stream.context("accepting a proxy connection")?;
+            match Connection::new(stream, opts)?.run(&mut engine)? {
+                Ended::Shutdown => return Ok(()),
+                Ended::Closed(why) => {
+                    tracing::info!("proxy connection ended: {why}; waiting for the next");
+                }
+            }
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&opts.listen);
+    result
+}
+
+/// How a connection ended.
+enum Ended {
+    /// The proxy asked the worker to stop, and it drained.
+    Shutdown,
+    /// The proxy went away or broke the stream; the worker goes on.
+    Closed(String),
+}
+
+/// What the reader thread saw.
+enum Event {
+    Message(ProxyToWorker),
+    /// A frame whose payload is bad; the stream goes on.
+    BadFrame(WireError),
+    /// The stream is broken: a framing error; the frames after it can't be found.
+    Broken(WireError),
+    /// The stream closed or failed.
+    End(String),
+}
+
+struct Connection {
+    stream: UnixStream,
+    events: Receiver<Event>,
+    worker_id: u32,
+    sim_realtime: bool,
+    out: Vec<u8>,
+}
+
+impl Connection {
+    fn new(stream: UnixStream, opts: &WorkerOptions) -> anyhow::Result<Self> {
+        let reader = stream.try_clone().context("cloning the connection")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("worker-reader".to_owned())
+            .spawn(move || read_frames(reader, &tx))
+            .context("starting the reader thread")?;
+        Ok(Self {
+            stream,
+            events: rx,
+            worker_id: opts.worker_id,
+            sim_realtime: opts.sim_realtime,
+            out: Vec::new(),
+        })
+    }
+
+    fn run<B: Backend>(mut self, engine: &mut Engine<B>) -> anyhow::Result<Ended> {
+        if let Err(why) = self.handshake(engine) {
+            let _ = self.stream.shutdown(std::net::Shutdown::Both);
+            return Ok(Ended::Closed(why));
+        }
+        let ended = self.serve(engine);
+        // Whatever ended the connection, nobody will read the answers of the
+        // requests still running: cancel them and free their blocks.
+        engine.cancel_all();
+        let _ = engine.take_outbox();
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        ended
+    }
+
+    fn handshake<B: Backend>(&mut self, engine: &mut Engine<B>) -> Result<(), String> {
+        let first = match self.events.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Message(m)) => m,
+            Ok(Event::BadFrame(e)) => {
+                self.reject(None, RejectKind::MalformedFrame, e.to_string());
+                return Err(format!("malformed first frame: {e}"));
+            }
+            Ok(Event::Broken(e)) => {
+                self.reject(None, RejectKind::MalformedFrame, e.to_string());
+                return Err(format!("broken stream: {e}"));
+            }
+            Ok(Event::End(why)) => return Err(why),
+            Err(_) => return Err("no Hello within 10 s".to_owned()),
+        };
+        let ProxyToWorker::Hello(hello) = first else {
+            self.reject(
+                None,
+                RejectKind::ProtocolViolation,
+                "the first frame must be Hello".to_owned(),
+            );
+            return Err("the first frame was not Hello".to_owned());
+        };
+        if hello.role != Role::Proxy {
+            self.reject(
+                None,
+                RejectKind::ProtocolViolation,
+                "the peer's Hello is not a proxy's".to_owned(),
+            );
+            return Err("the peer is not a proxy".to_owned());
+        }
+        let reply = Hello::worker(self.worker_id, engine.info());
+        engine.report_capacity_again();
+        let mut first = vec![WorkerToProxy::Hello(reply)];
+        first.extend(engine.take_outbox());
+        self.write(&first)
+            .map_err(|e| format!("writing Hello: {e}"))?;
+        Ok(())
+    }
+
+    fn serve<B: Backend>(&mut self, engine: &mut Engine<B>) -> anyhow::Result<Ended> {
+        loop {
+            // Take everything that arrived; block only when there is nothing to run.
+            loop {
+                let event = if engine.has_work() {
+                    match self.events.try_recv() {
+                        Ok(e) => e,
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            return Ok(Ended::Closed("reader stopped".to_owned()));
+                        }
+                    }
+                } else {
+                    // Idle: wake now and then to report capacity changes (none today).
+                    match self.events.recv_timeout(Duration::from_secs(1)) {
+                        Ok(e) => e,
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => {
+                            return Ok(Ended::Closed("reader stopped".to_owned()));
+                        }
+                    }
+                };
+                match event {
+                    Event::Message(m) => engine.handle(m),
+                    Event::BadFrame(e) => {
+                        tracing::warn!("skipped a malformed frame: {e}");
+                        self.reject(None, RejectKind::MalformedFrame, e.to_string());
+                    }
+                    Event::Broken(e) => {
+                        // Typed, then closed: nothing after a framing error can be trusted.
+                        self.reject(None, RejectKind::MalformedFrame, e.to_string());
+                        return Ok(Ended::Closed(format!("broken stream: {e}")));
+                    }
+                    Event::End(why) => return Ok(Ended::Closed(why)),
+                }
+                if !engine.has_work() {
+                    break;
+                }
+            }
+            if engine.has_work() {
+                let report = engine.step().context("the backend failed a step")?;
+                if let Some(t) = report.and_then(|r| r.modelled_time)
+                    && self.sim_realtime
+                {
+                    std::thread::sleep(t);
+                }
+            }
+            let outbox = engine.take_outbox();
+            if let Err(e) = self.write(&outbox) {
+                return Ok(Ended::Closed(format!("writing to the proxy: {e}")));
+            }
+            if engine.is_drained() {
+                return Ok(Ended::Shutdown);
+            }
+        }
+    }
+
+    fn reject(
+        &mut self,
+        request_id: Option<bulkhead_core::wire::RequestId>,
+        kind: RejectKind,
+        detail: String,
+    ) {
+        let _ = self.write(&[WorkerToProxy::Rejected(Rejected {
+            request_id,
+            kind,
+            detail,
+        })]);
+    }
+
+    fn write(&mut self, messages: &[WorkerToProxy]) -> std::io::Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.out.clear();
+        for m in messages {
+            encode_frame(m, &mut self.out).map_err(std::io::Error::other)?;
+        }
+        self.stream.write_all(&self.out)
+    }
+}
+
+/// Reads frames until the stream ends or breaks, forwarding each to the engine loop.
+fn read_frames(mut stream: UnixStream, tx: &mpsc::Sender<Event>) {
+    let mut decoder = FrameDecoder::<ProxyToWorker>::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => {
+                let _ = tx.send(Event::End("the proxy closed the connection".to_owned()));
+                return;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let _ = tx.send(Event::End(format!("reading from the proxy: {e}")));
+                return;
+            }
+        };
+        decoder.push(&buf[..n]);
+        loop {
+            match decoder.next_message() {
+                Ok(Some(m)) => {
+                    if tx.send(Event::Message(m)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) if decoder.is_poisoned() => {
+                    let _ = tx.send(Event::Broken(e));
+                    return;
+                }
+                Err(e) => {
+                    if tx.send(Event::BadFrame(e)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
