@@ -110,3 +110,29 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         (**self).read_block(block)
     }
 }
+
+/// Applies owner-tag updates to a host mirror, in order; returns the range of
+/// blocks touched (for a device upload). An update outside the pool fails the
+/// call after the ones before it took effect, the same on every backend.
+pub fn apply_owner_updates(
+    owners: &mut [u32],
+    updates: &[(u32, u32)],
+) -> (
+    Option<std::ops::RangeInclusive<usize>>,
+    Result<(), BackendError>,
+) {
+    let mut touched: Option<(usize, usize)> = None;
+    for &(block, tag) in updates {
+        let b = block as usize;
+        let Some(slot) = owners.get_mut(b) else {
+            let err = BackendError::InvalidBatch(format!(
+                "owner update for block {block} outside the pool of {}",
+                owners.len()
+            ));
+            return (touched.map(|(lo, hi)| lo..=hi), Err(err));
+        };
+        *slot = tag;
+        touched = Some(touched.map_or((b, b), |(lo, hi)| (lo.min(b), hi.max(b))));
+    }
+    (touched.map(|(lo, hi)| lo..=hi), Ok(()))
+}

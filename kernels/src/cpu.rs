@@ -6,7 +6,7 @@ pub mod ops;
 
 use self::ops::{PagedBatch, TokenIndex};
 use crate::{
-    backend::{Backend, BackendError, SeqOutput, SeqStep, StepResult},
+    backend::{Backend, BackendError, SeqOutput, SeqStep, StepResult, apply_owner_updates},
     layout::{BLOCK_TOKENS, FREE_TAG, KvShape},
     model::{ModelConfig, Weights},
 };
@@ -179,15 +179,7 @@ impl Backend for CpuBackend {
     }
 
     fn set_owner_tags(&mut self, updates: &[(u32, u32)]) -> Result<(), BackendError> {
-        for &(block, tag) in updates {
-            let slot = self.owners.get_mut(block as usize).ok_or_else(|| {
-                BackendError::InvalidBatch(format!(
-                    "owner update for block {block} outside the pool"
-                ))
-            })?;
-            *slot = tag;
-        }
-        Ok(())
+        apply_owner_updates(&mut self.owners, updates).1
     }
 
     fn scrub(&mut self, blocks: &[u32]) -> Result<(), BackendError> {

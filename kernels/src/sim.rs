@@ -20,7 +20,7 @@
 //! `max_tokens`, the worst case for capacity planning.
 
 use crate::{
-    backend::{Backend, BackendError, SeqOutput, SeqStep, StepResult},
+    backend::{Backend, BackendError, SeqOutput, SeqStep, StepResult, apply_owner_updates},
     cpu::{FlatBatch, ops},
     layout::{BLOCK_TOKENS, FREE_TAG, KvShape, Violation},
     model::ModelConfig,
@@ -196,14 +196,7 @@ impl Backend for SimBackend {
     }
 
     fn set_owner_tags(&mut self, updates: &[(u32, u32)]) -> Result<(), BackendError> {
-        for &(block, tag) in updates {
-            *self.owners.get_mut(block as usize).ok_or_else(|| {
-                BackendError::InvalidBatch(format!(
-                    "owner update for block {block} outside the pool"
-                ))
-            })? = tag;
-        }
-        Ok(())
+        apply_owner_updates(&mut self.owners, updates).1
     }
 
     fn scrub(&mut self, blocks: &[u32]) -> Result<(), BackendError> {

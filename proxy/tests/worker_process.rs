@@ -131,7 +131,7 @@ fn collect(link: &mut WorkerLink, ids: &[u128], seen: &mut Seen) {
 
 #[test]
 fn requests_run_and_bad_input_gets_typed_refusals() {
-    let worker = Worker::start("serve", &["--backend", "cpu", "--tenants", "acme,globex"]);
+    let worker = Worker::start("serve", &["--backend", "cpu", "--tenants", "acme,globex,hooli"]);
     let mut link = worker.link();
     assert_eq!(link.info().backend, WorkerBackend::Cpu);
     assert_eq!(link.info().models, ["bulkhead-tiny"]);
@@ -146,13 +146,13 @@ fn requests_run_and_bad_input_gets_typed_refusals() {
     link.send_raw(&bad).unwrap();
     link.send(&submit(3, "initech", prompt(5), 2)).unwrap();
     link.send(&submit(4, "acme", prompt(2_048), 2)).unwrap();
-    let mut over_quota = submit(5, "globex", prompt(100), 2);
-    if let ProxyToWorker::Submit(s) = &mut over_quota {
+    let mut lower_quota = submit(5, "globex", prompt(100), 2);
+    if let ProxyToWorker::Submit(s) = &mut lower_quota {
         s.kv_block_quota = 2;
         s.tenant = TenantId::new("acme").unwrap();
     }
     // acme already has a quota of 64 from request 1: a lower one doesn't shrink it.
-    link.send(&over_quota).unwrap();
+    link.send(&lower_quota).unwrap();
     let mut seen = Seen::default();
     collect(&mut link, &[1, 2, 3, 4, 5], &mut seen);
 
@@ -178,16 +178,17 @@ fn requests_run_and_bad_input_gets_typed_refusals() {
     }
     assert_eq!(seen.finished[&RequestId(5)].reason, FinishReason::Length);
 
-    // A quota too small for the prompt, for a tenant with no quota yet.
-    link.send(&{
-        let mut s = submit(6, "globex", prompt(100), 2);
-        if let ProxyToWorker::Submit(s) = &mut s {
-            s.tenant = TenantId::new("acme").unwrap();
-            s.kv_block_quota = 2;
-        }
-        s
-    })
-    .unwrap();
+    // A quota too small for the prompt (7 blocks), for a tenant with no quota yet.
+    let mut s = submit(6, "hooli", prompt(100), 2);
+    if let ProxyToWorker::Submit(s) = &mut s {
+        s.kv_block_quota = 2;
+    }
+    link.send(&s).unwrap();
+    collect(&mut link, &[6], &mut seen);
+    let refusal = seen.rejected.iter().find(|r| r.request_id == Some(RequestId(6))).unwrap();
+    assert_eq!(refusal.kind, RejectKind::QuotaExhausted);
+    assert!(refusal.detail.contains("needs 7 KV blocks"), "{}", refusal.detail);
+    assert_eq!(seen.finished[&RequestId(6)].reason, FinishReason::Error);
     drop(link);
 
     // The worker is still up and serves a new connection.

@@ -4,7 +4,7 @@
 
 use super::ops::{CudaOps, DecodeScratch, DeviceBatch, DeviceKv};
 use crate::{
-    backend::{Backend, BackendError, SeqOutput, SeqStep, StepResult},
+    backend::{Backend, BackendError, SeqOutput, SeqStep, StepResult, apply_owner_updates},
     cpu::FlatBatch,
     layout::{BLOCK_TOKENS, FREE_TAG, KvShape},
     model::{ModelConfig, Weights},
@@ -260,25 +260,12 @@ impl Backend for CudaBackend {
     }
 
     fn set_owner_tags(&mut self, updates: &[(u32, u32)]) -> Result<(), BackendError> {
-        // Applied in order, as the CPU backend does: an update outside the pool
-        // fails the call after the ones before it took effect.
-        let mut touched: Option<(usize, usize)> = None;
-        let mut failure = None;
-        for &(block, tag) in updates {
-            let Some(slot) = self.owners.get_mut(block as usize) else {
-                failure = Some(BackendError::InvalidBatch(format!(
-                    "owner update for block {block} outside the pool"
-                )));
-                break;
-            };
-            *slot = tag;
-            let b = block as usize;
-            touched = Some(touched.map_or((b, b), |(lo, hi)| (lo.min(b), hi.max(b))));
+        let (touched, result) = apply_owner_updates(&mut self.owners, updates);
+        if let Some(range) = touched {
+            let lo = *range.start();
+            self.kv.set_owners(&self.ops, lo, &self.owners[range])?;
         }
-        if let Some((lo, hi)) = touched {
-            self.kv.set_owners(&self.ops, lo, &self.owners[lo..=hi])?;
-        }
-        failure.map_or(Ok(()), Err)
+        result
     }
 
     fn scrub(&mut self, blocks: &[u32]) -> Result<(), BackendError> {
