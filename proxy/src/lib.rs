@@ -8,6 +8,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod dispatch;
 pub mod ebpf;
+pub mod front;
 pub mod simulate;
 pub mod worker;

@@ -70,6 +70,9 @@ struct WorkerArgs {
     /// For `--backend sim`: return at once instead of sleeping each step's modelled time.
     #[arg(long)]
     sim_fast: bool,
+    /// Another name requests may use for the built-in model (the config's model name).
+    #[arg(long = "model-name")]
+    model_names: Vec<String>,
 }
 
 /// Where an instance's pins live.
@@ -167,6 +170,7 @@ fn run_worker(args: WorkerArgs) -> anyhow::Result<String> {
         calibration: args.calibration,
         worker_id: args.worker_id,
         sim_realtime: !args.sim_fast,
+        model_aliases: args.model_names,
     })?;
     Ok(String::new())
 }

@@ -131,7 +131,10 @@ fn collect(link: &mut WorkerLink, ids: &[u128], seen: &mut Seen) {
 
 #[test]
 fn requests_run_and_bad_input_gets_typed_refusals() {
-    let worker = Worker::start("serve", &["--backend", "cpu", "--tenants", "acme,globex,hooli"]);
+    let worker = Worker::start(
+        "serve",
+        &["--backend", "cpu", "--tenants", "acme,globex,hooli"],
+    );
     let mut link = worker.link();
     assert_eq!(link.info().backend, WorkerBackend::Cpu);
     assert_eq!(link.info().models, ["bulkhead-tiny"]);
@@ -185,9 +188,17 @@ fn requests_run_and_bad_input_gets_typed_refusals() {
     }
     link.send(&s).unwrap();
     collect(&mut link, &[6], &mut seen);
-    let refusal = seen.rejected.iter().find(|r| r.request_id == Some(RequestId(6))).unwrap();
+    let refusal = seen
+        .rejected
+        .iter()
+        .find(|r| r.request_id == Some(RequestId(6)))
+        .unwrap();
     assert_eq!(refusal.kind, RejectKind::QuotaExhausted);
-    assert!(refusal.detail.contains("needs 7 KV blocks"), "{}", refusal.detail);
+    assert!(
+        refusal.detail.contains("needs 7 KV blocks"),
+        "{}",
+        refusal.detail
+    );
     assert_eq!(seen.finished[&RequestId(6)].reason, FinishReason::Error);
     drop(link);
 

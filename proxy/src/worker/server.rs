@@ -61,6 +61,8 @@ pub struct WorkerOptions {
     pub worker_id: u32,
     /// Whether a `sim` worker sleeps for each step's modelled time (real-time pacing).
     pub sim_realtime: bool,
+    /// Other names requests may use for the model.
+    pub model_aliases: Vec<String>,
 }
 
 /// Builds the engine the options describe.
@@ -92,6 +94,7 @@ pub fn build_engine(opts: &WorkerOptions) -> anyhow::Result<Engine<Box<dyn Backe
     let cfg = EngineConfig {
         max_slots: opts.slots,
         tenants: opts.tenants.as_ref().map(|t| t.iter().cloned().collect()),
+        model_aliases: opts.model_aliases.clone(),
         ..EngineConfig::default()
     };
     Ok(Engine::new(backend, cfg))

@@ -1,0 +1,734 @@
+//! The OpenAI-compatible API: the request's phases after the transport.
+//!
+//! authenticate (tenant from the certificate; a bearer key must be the same
+//! tenant's) → authorize and limit (`bulkhead_core::admission`) → enqueue
+//! and dispatch ([`crate::dispatch`]) → stream (SSE chunks, `usage`, then
+//! `[DONE]`) → account (limiter refund, metrics). Every refusal is an
+//! OpenAI error body with an honest status.
+
+pub mod metrics;
+pub mod openai;
+
+use self::{
+    metrics::{KernelCounts, Metrics},
+    openai::{Kind, Utf8Stream},
+};
+use crate::{
+    dispatch::{DispatchError, Dispatcher, Event, Job},
+    front::{ApiRequest, ApiResponse, Handler, ResponseBody},
+};
+use bulkhead_core::{
+    TenantId, Timestamp,
+    admission::{self, AdmissionRequest, QueueState},
+    config::{Config, TenantPolicy},
+    identity::{ApiKeyRegistry, TenantApiKeys},
+    limits::TenantLimiter,
+    wire::{FinishReason, Sampling},
+};
+use bulkhead_kernels::model::{ByteTokenizer, ModelConfig};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use serde_json::{Value, json};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::{Instant, SystemTime},
+};
+use tokio::sync::mpsc;
+
+/// A tenant's policy and its live limiter.
+#[derive(Debug)]
+struct TenantState {
+    policy: TenantPolicy,
+    limiter: Arc<Mutex<TenantLimiter>>,
+}
+
+/// The API: tenants, limiters, the dispatcher and the metrics.
+#[derive(Debug)]
+pub struct App {
+    config: Config,
+    tenants: HashMap<TenantId, TenantState>,
+    keys: ApiKeyRegistry,
+    dispatcher: Dispatcher,
+    metrics: Arc<Metrics>,
+    tokenizer: ByteTokenizer,
+    epoch: Instant,
+}
+
+/// An error answer.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: &'static str,
+    param: Option<&'static str>,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            code,
+            param: None,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+
+    fn response(&self) -> ApiResponse {
+        let mut r = ApiResponse::full(self.status, "application/json", self.body().to_string());
+        if let Some(secs) = self.retry_after {
+            r.headers
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        r
+    }
+}
+
+impl App {
+    /// The API over `config`'s tenants and `dispatcher`.
+    pub fn new(
+        config: Config,
+        dispatcher: Dispatcher,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let mut tenants = HashMap::new();
+        let mut keys = Vec::new();
+        for policy in &config.tenants {
+            let limiter = admission::limiter_for(policy)
+                .map_err(|e| anyhow::anyhow!("tenant {}: {e}", policy.id))?;
+            keys.push(TenantApiKeys {
+                tenant: policy.id.clone(),
+                keys: policy.api_key_sha256.clone(),
+                require_api_key: false,
+            });
+            tenants.insert(
+                policy.id.clone(),
+                TenantState {
+                    policy: policy.clone(),
+                    limiter: Arc::new(Mutex::new(limiter)),
+                },
+            );
+        }
+        let keys = ApiKeyRegistry::new(keys)?;
+        Ok(Self {
+            config,
+            tenants,
+            keys,
+            dispatcher,
+            metrics,
+            tokenizer: ByteTokenizer::new(&ModelConfig::tiny()),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn now(&self) -> Timestamp {
+        Timestamp::from_duration(self.epoch.elapsed())
+    }
+
+    /// The tenant of a request: its certificate's, narrowed by a bearer key if present.
+    fn authenticate(&self, req: &ApiRequest) -> Result<&TenantState, ApiError> {
+        let unauthorized = |m: String| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_api_key",
+                m,
+            )
+        };
+        let tenant = req
+            .peer
+            .tenant
+            .as_ref()
+            .map_err(|e| unauthorized(e.to_string()))?;
+        let state = self.tenants.get(tenant).ok_or_else(|| {
+            unauthorized(format!("tenant {tenant} is not configured on this host"))
+        })?;
+        let bearer = match req.headers.get(http::header::AUTHORIZATION) {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .ok()
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .ok_or_else(|| {
+                        unauthorized("the Authorization header must be `Bearer <key>`".to_owned())
+                    })?,
+            ),
+        };
+        self.keys.authenticate(tenant, bearer).map_err(|e| {
+            let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
+            let code = if status == StatusCode::FORBIDDEN {
+                "permission_denied"
+            } else {
+                "invalid_api_key"
+            };
+            ApiError::new(status, "invalid_request_error", code, e.to_string())
+        })?;
+        Ok(state)
+    }
+
+    fn models(&self, tenant: &TenantState) -> ApiResponse {
+        let data: Vec<Value> = self
+            .config
+            .models
+            .iter()
+            .filter(|m| tenant.policy.allows_model(&m.name))
+            .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "bulkhead"}))
+            .collect();
+        ApiResponse::full(
+            StatusCode::OK,
+            "application/json",
+            json!({"object": "list", "data": data}).to_string(),
+        )
+    }
+
+    async fn complete(
+        &self,
+        req: ApiRequest,
+        kind: Kind,
+        arrived: Instant,
+    ) -> Result<ApiResponse, (Option<TenantId>, ApiError)> {
+        let tenant = self.authenticate(&req).map_err(|e| (None, e))?;
+        let id = tenant.policy.id.clone();
+        let fail = |e: ApiError| (Some(id.clone()), e);
+        let parsed = openai::parse(kind, &req.body).map_err(|b| {
+            let mut e = ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_request",
+                b.message,
+            );
+            e.param = b.param;
+            fail(e)
+        })?;
+        let prompt_tokens = self.tokenizer.encode(&parsed.prompt);
+        let context = self
+            .config
+            .model(&parsed.model)
+            .map_or(2048, |m| m.max_context_tokens);
+        let room = context.saturating_sub(u32::try_from(prompt_tokens.len()).unwrap_or(u32::MAX));
+        let max_tokens = parsed
+            .max_tokens
+            .unwrap_or_else(|| tenant.policy.max_tokens_per_request.min(room).max(1));
+        let request = AdmissionRequest {
+            model: &parsed.model,
+            prompt_bytes: parsed.prompt.len() as u64,
+            prompt_tokens: u32::try_from(prompt_tokens.len()).unwrap_or(u32::MAX),
+            max_tokens,
+        };
+        let admitted = self.admit(tenant, &request).map_err(fail)?;
+        if (prompt_tokens.len() as u64) >= u64::from(context) {
+            self.release(tenant, admitted, 0);
+            return Err(fail(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "context_length_exceeded",
+                format!(
+                    "the prompt is {} tokens; model {} holds {context}",
+                    prompt_tokens.len(),
+                    parsed.model
+                ),
+            )));
+        }
+        let job = Job {
+            tenant: id.clone(),
+            model: parsed.model.clone(),
+            prompt_tokens,
+            max_tokens,
+            sampling: Sampling {
+                temperature: parsed.temperature,
+                top_p: parsed.top_p,
+                seed: parsed.seed,
+                stop: parsed
+                    .stop
+                    .iter()
+                    .map(|s| s.bytes().map(u32::from).collect())
+                    .collect(),
+            },
+            kv_block_quota: tenant.policy.kv_block_quota,
+        };
+        let ticket = match self.dispatcher.submit(job) {
+            Ok(t) => t,
+            Err(e) => {
+                self.release(tenant, admitted, 0);
+                return Err(fail(dispatch_error(&e)));
+            }
+        };
+        let run = Run {
+            app_metrics: self.metrics.clone(),
+            tenant: id,
+            model: parsed.model.clone(),
+            kind,
+            created: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            arrived,
+            stream: parsed.stream,
+        };
+        let completion_id = format!(
+            "{}-{:032x}",
+            if kind == Kind::Chat {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            },
+            ticket.id().0
+        );
+        let finish = Finish {
+            admitted: Some(admitted),
+        };
+        Ok(run
+            .respond(self, tenant, ticket, completion_id, finish)
+            .await)
+    }
+
+    /// Authorize and limit: the core's admission under the tenant's limiter.
+    fn admit(
+        &self,
+        tenant: &TenantState,
+        request: &AdmissionRequest<'_>,
+    ) -> Result<bulkhead_core::limits::Admitted, ApiError> {
+        let queued = QueueState {
+            queued: self.dispatcher.queued_for(&tenant.policy.id),
+        };
+        let mut limiter = tenant
+            .limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        admission::admit(self.now(), &tenant.policy, &mut limiter, queued, request).map_err(|r| {
+            let status = StatusCode::from_u16(r.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+            let body = r.error_body();
+            ApiError {
+                status,
+                kind: if status == StatusCode::TOO_MANY_REQUESTS {
+                    "rate_limit_error"
+                } else {
+                    "invalid_request_error"
+                },
+                code: match status {
+                    StatusCode::TOO_MANY_REQUESTS => "rate_limit_exceeded",
+                    StatusCode::FORBIDDEN => "model_not_found",
+                    StatusCode::PAYLOAD_TOO_LARGE => "prompt_too_large",
+                    _ => "invalid_value",
+                },
+                param: None,
+                message: body["error"]["message"]
+                    .as_str()
+                    .unwrap_or("refused")
+                    .to_owned(),
+                retry_after: r.retry_after_secs(),
+            }
+        })
+    }
+
+    fn release(&self, tenant: &TenantState, admitted: bulkhead_core::limits::Admitted, used: u64) {
+        drop(ReleaseOnDrop {
+            limiter: tenant.limiter.clone(),
+            epoch: self.epoch,
+            admitted: Some(admitted),
+            used,
+        });
+    }
+}
+
+/// The limiter reservation a running request holds.
+struct Finish {
+    admitted: Option<bulkhead_core::limits::Admitted>,
+}
+
+/// What a running request needs to answer.
+struct Run {
+    app_metrics: Arc<Metrics>,
+    tenant: TenantId,
+    model: String,
+    kind: Kind,
+    created: u64,
+    arrived: Instant,
+    stream: bool,
+}
+
+/// How a request ended, for the answer.
+struct Outcome {
+    text: String,
+    reason: Option<FinishReason>,
+    prompt_tokens: u32,
+    output_tokens: u32,
+    error: Option<String>,
+}
+
+impl Run {
+    async fn respond(
+        self,
+        app: &App,
+        tenant: &TenantState,
+        ticket: crate::dispatch::Ticket,
+        id: String,
+        finish: Finish,
+    ) -> ApiResponse {
+        if self.stream {
+            self.respond_stream(app, tenant, ticket, id, finish)
+        } else {
+            self.respond_whole(app, tenant, ticket, &id, finish).await
+        }
+    }
+
+    /// A whole JSON answer, once the request finished.
+    async fn respond_whole(
+        self,
+        app: &App,
+        tenant: &TenantState,
+        mut ticket: crate::dispatch::Ticket,
+        id: &str,
+        mut finish: Finish,
+    ) -> ApiResponse {
+        let mut text = Utf8Stream::default();
+        let mut out = Outcome {
+            text: String::new(),
+            reason: None,
+            prompt_tokens: 0,
+            output_tokens: 0,
+            error: None,
+        };
+        let mut first = true;
+        while let Some(event) = ticket.next().await {
+            self.observe(&event, &mut first);
+            match event {
+                Event::Tokens { tokens, .. } => out.text.push_str(&text.push(&bytes_of(&tokens))),
+                Event::Finished(f) => {
+                    out.reason = Some(f.reason);
+                    out.prompt_tokens = f.prompt_tokens;
+                    out.output_tokens = f.output_tokens;
+                    out.error = f.error;
+                }
+                Event::Failed(why) => out.error = Some(why),
+                Event::Dispatched | Event::Violation(_) | Event::Rejected(_) => {}
+            }
+        }
+        out.text.push_str(&text.finish());
+        if let Some(admitted) = finish.admitted.take() {
+            app.release(
+                tenant,
+                admitted,
+                u64::from(out.prompt_tokens) + u64::from(out.output_tokens),
+            );
+        }
+        self.app_metrics.tokens(
+            &self.tenant,
+            u64::from(out.prompt_tokens),
+            u64::from(out.output_tokens),
+        );
+        if let Some(error) = out.error.clone().filter(|_| {
+            out.reason != Some(FinishReason::Length) && out.reason != Some(FinishReason::Stop)
+        }) {
+            let e = ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "server_error",
+                "worker_failed",
+                error,
+            );
+            self.app_metrics
+                .request(Some(&self.tenant), e.status.as_u16());
+            return e.response();
+        }
+        self.app_metrics.request(Some(&self.tenant), 200);
+        ApiResponse::full(
+            StatusCode::OK,
+            "application/json",
+            self.whole(id, &out).to_string(),
+        )
+    }
+
+    /// Server-sent events as tokens come; the task owns the ticket and the reservation.
+    fn respond_stream(
+        self,
+        app: &App,
+        tenant: &TenantState,
+        mut ticket: crate::dispatch::Ticket,
+        id: String,
+        mut finish: Finish,
+    ) -> ApiResponse {
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        let metrics = self.app_metrics.clone();
+        // The stream outlives this call: it owns the ticket and the reservation.
+        let release = ReleaseOnDrop {
+            limiter: tenant.limiter.clone(),
+            epoch: app.epoch,
+            admitted: finish.admitted.take(),
+            used: 0,
+        };
+        tokio::spawn(async move {
+            // Moved whole (not field by field) so its drop runs when the stream ends.
+            let mut release = release;
+            let mut text = Utf8Stream::default();
+            let mut first = true;
+            let mut sent_role = false;
+            loop {
+                let event = tokio::select! {
+                    e = ticket.next() => e,
+                    () = tx.closed() => break, // the client went away: the ticket's drop cancels
+                };
+                let Some(event) = event else { break };
+                self.observe(&event, &mut first);
+                let chunk = match event {
+                    Event::Tokens { tokens, .. } => {
+                        let piece = text.push(&bytes_of(&tokens));
+                        if piece.is_empty() {
+                            continue;
+                        }
+                        let c = self.delta(&id, &piece, !sent_role, None);
+                        sent_role = true;
+                        c
+                    }
+                    Event::Finished(f) => {
+                        let usage = (f.prompt_tokens, f.output_tokens);
+                        release.used = u64::from(f.prompt_tokens) + u64::from(f.output_tokens);
+                        if f.reason == FinishReason::Error || f.reason == FinishReason::Cancelled {
+                            let msg = f
+                                .error
+                                .unwrap_or_else(|| "the request was cancelled".to_owned());
+                            let _ = tx.send(sse(&json!({"error": {"message": msg, "type": "server_error", "param": null, "code": "worker_failed"}}))).await;
+                            metrics.request(Some(&self.tenant), 502);
+                            break;
+                        }
+                        let tail = text.finish();
+                        if !tail.is_empty() {
+                            let _ = tx.send(self.delta(&id, &tail, !sent_role, None)).await;
+                        }
+                        let _ = tx.send(self.delta(&id, "", false, Some(f.reason))).await;
+                        let _ = tx.send(sse(&self.usage_chunk(&id, usage))).await;
+                        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                        metrics.tokens(&self.tenant, u64::from(usage.0), u64::from(usage.1));
+                        metrics.request(Some(&self.tenant), 200);
+                        break;
+                    }
+                    Event::Failed(why) => {
+                        let _ = tx.send(sse(&json!({"error": {"message": why, "type": "server_error", "param": null, "code": "worker_failed"}}))).await;
+                        metrics.request(Some(&self.tenant), 502);
+                        break;
+                    }
+                    Event::Dispatched | Event::Violation(_) | Event::Rejected(_) => continue,
+                };
+                if tx.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+            drop(ticket);
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache"),
+        );
+        ApiResponse {
+            status: StatusCode::OK,
+            headers,
+            body: ResponseBody::Stream(rx),
+        }
+    }
+
+    fn observe(&self, event: &Event, first: &mut bool) {
+        match event {
+            Event::Dispatched => self
+                .app_metrics
+                .queue_time(&self.tenant, self.arrived.elapsed()),
+            Event::Tokens { .. } if *first => {
+                *first = false;
+                self.app_metrics.ttft(&self.tenant, self.arrived.elapsed());
+            }
+            _ => {}
+        }
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Text, _) => "text_completion",
+        }
+    }
+
+    fn whole(&self, id: &str, out: &Outcome) -> Value {
+        let reason = out.reason.map_or("stop", FinishReason::as_openai_str);
+        let choice = match self.kind {
+            Kind::Chat => {
+                json!({"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": null, "finish_reason": reason})
+            }
+            Kind::Text => {
+                json!({"index": 0, "text": out.text, "logprobs": null, "finish_reason": reason})
+            }
+        };
+        json!({
+            "id": id, "object": self.object(false), "created": self.created, "model": self.model,
+            "choices": [choice],
+            "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.output_tokens, "total_tokens": out.prompt_tokens + out.output_tokens},
+        })
+    }
+
+    fn delta(&self, id: &str, text: &str, role: bool, reason: Option<FinishReason>) -> Bytes {
+        let reason = reason.map(FinishReason::as_openai_str);
+        let choice = match self.kind {
+            Kind::Chat => {
+                let delta = match (role, reason) {
+                    (_, Some(_)) => json!({}),
+                    (true, None) => json!({"role": "assistant", "content": text}),
+                    (false, None) => json!({"content": text}),
+                };
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason})
+            }
+            Kind::Text => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason})
+            }
+        };
+        sse(
+            &json!({"id": id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [choice]}),
+        )
+    }
+
+    fn usage_chunk(&self, id: &str, (p, o): (u32, u32)) -> Value {
+        json!({"id": id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [],
+               "usage": {"prompt_tokens": p, "completion_tokens": o, "total_tokens": p + o}})
+    }
+}
+
+/// Gives a streaming request's limiter reservation back when the stream
+/// ends, however it ends (finished, failed, or the client went away), with
+/// the tokens it actually used.
+struct ReleaseOnDrop {
+    limiter: Arc<Mutex<TenantLimiter>>,
+    epoch: Instant,
+    admitted: Option<bulkhead_core::limits::Admitted>,
+    used: u64,
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if let Some(admitted) = self.admitted.take() {
+            let now = Timestamp::from_duration(self.epoch.elapsed());
+            self.limiter
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .complete(now, admitted, self.used);
+        }
+    }
+}
+
+/// The answer to a request the dispatcher could not queue.
+fn dispatch_error(e: &DispatchError) -> ApiError {
+    match e {
+        DispatchError::QueueFull { .. } => {
+            let mut err = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+                e.to_string(),
+            );
+            err.retry_after = Some(1);
+            err
+        }
+        DispatchError::UnknownTenant(_) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "invalid_request_error",
+            "permission_denied",
+            e.to_string(),
+        ),
+        DispatchError::NoWorker(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "no_worker",
+            e.to_string(),
+        ),
+    }
+}
+
+fn bytes_of(tokens: &[u32]) -> Vec<u8> {
+    tokens
+        .iter()
+        .filter_map(|&t| u8::try_from(t).ok())
+        .collect()
+}
+
+fn sse(value: &Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+impl Handler for App {
+    async fn handle(&self, req: ApiRequest) -> ApiResponse {
+        let arrived = Instant::now();
+        let route = (req.method.clone(), req.path.clone());
+        let result = match (&route.0, route.1.as_str()) {
+            (&Method::POST, "/v1/chat/completions") => {
+                self.complete(req, Kind::Chat, arrived).await
+            }
+            (&Method::POST, "/v1/completions") => self.complete(req, Kind::Text, arrived).await,
+            (&Method::GET, "/v1/models") => match self.authenticate(&req) {
+                Ok(t) => Ok(self.models(t)),
+                Err(e) => Err((None, e)),
+            },
+            (&Method::GET, "/healthz") => {
+                let workers = self.dispatcher.workers();
+                let alive = workers.iter().filter(|w| w.1).count();
+                let status = if alive > 0 {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                Ok(ApiResponse::full(status, "application/json", json!({"workers": workers.len(), "alive": alive, "queued": self.dispatcher.queued()}).to_string()))
+            }
+            (&Method::GET, "/metrics") => Ok(ApiResponse::full(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.metrics
+                    .render(&BTreeMap::<String, KernelCounts>::new()),
+            )),
+            (
+                _,
+                "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/healthz" | "/metrics",
+            ) => Err((
+                None,
+                ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "invalid_request_error",
+                    "method_not_allowed",
+                    format!("{} is not allowed here", route.0),
+                ),
+            )),
+            _ => Err((
+                None,
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    "unknown_url",
+                    format!("unknown URL: {} {}", route.0, route.1),
+                ),
+            )),
+        };
+        match result {
+            Ok(r) => r,
+            Err((tenant, e)) => {
+                self.metrics.request(tenant.as_ref(), e.status.as_u16());
+                e.response()
+            }
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! OpenAI-compatible request bodies, checked, and the prompt they render to.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A request parsed from JSON, common to chat and text completions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompletionRequest {
+    /// `chat` (messages) or text (prompt).
+    pub kind: Kind,
+    /// The model name.
+    pub model: String,
+    /// The prompt as text, after the chat template.
+    pub prompt: String,
+    /// `max_tokens` (or `max_completion_tokens`), when given.
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature (default 1).
+    pub temperature: f32,
+    /// Nucleus mass (default 1).
+    pub top_p: f32,
+    /// Seed.
+    pub seed: Option<u64>,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Stream as server-sent events.
+    pub stream: bool,
+    /// The end user, for the tenant's own records (hashed into the audit, never logged).
+    pub user: Option<String>,
+}
+
+/// Which endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Text,
+}
+
+/// A 400: what is wrong and with which parameter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadRequest {
+    /// What is wrong.
+    pub message: String,
+    /// The parameter, when one is to blame.
+    pub param: Option<&'static str>,
+}
+
+fn bad(message: impl Into<String>, param: Option<&'static str>) -> BadRequest {
+    BadRequest {
+        message: message.into(),
+        param,
+    }
+}
+
+#[derive(Deserialize)]
+struct Raw {
+    model: Option<Value>,
+    messages: Option<Value>,
+    prompt: Option<Value>,
+    max_tokens: Option<Value>,
+    max_completion_tokens: Option<Value>,
+    temperature: Option<Value>,
+    top_p: Option<Value>,
+    seed: Option<Value>,
+    stop: Option<Value>,
+    stream: Option<Value>,
+    user: Option<Value>,
+    n: Option<Value>,
+}
+
+/// Parses and checks a body. Unknown fields are ignored, as OpenAI's API does;
+/// known ones must have the right type and range.
+pub fn parse(kind: Kind, body: &[u8]) -> Result<CompletionRequest, BadRequest> {
+    let raw: Raw = serde_json::from_slice(body).map_err(|e| {
+        bad(
+            format!("We could not parse the JSON body of your request: {e}"),
+            None,
+        )
+    })?;
+    let model = match raw.model {
+        Some(Value::String(m)) if !m.is_empty() => m,
+        Some(_) => return Err(bad("'model' must be a non-empty string", Some("model"))),
+        None => return Err(bad("you must provide a model parameter", Some("model"))),
+    };
+    let prompt = match kind {
+        Kind::Chat => render_chat(raw.messages.as_ref())?,
+        Kind::Text => match raw.prompt {
+            Some(Value::String(p)) => p,
+            Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+                a[0].as_str().unwrap_or_default().to_owned()
+            }
+            Some(_) => {
+                return Err(bad(
+                    "'prompt' must be a string (one prompt per request)",
+                    Some("prompt"),
+                ));
+            }
+            None => return Err(bad("you must provide a prompt", Some("prompt"))),
+        },
+    };
+    if let Some(n) = raw.n
+        && n != 1
+    {
+        return Err(bad("only n = 1 is supported", Some("n")));
+    }
+    let max_tokens = match raw.max_completion_tokens.or(raw.max_tokens) {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| {
+                    bad(
+                        "'max_tokens' must be a non-negative integer",
+                        Some("max_tokens"),
+                    )
+                })?,
+        ),
+    };
+    let temperature = number(raw.temperature, "temperature", 1.0, 0.0..=2.0)?;
+    let top_p = number(raw.top_p, "top_p", 1.0, 0.0..=1.0)?;
+    if top_p == 0.0 {
+        return Err(bad("'top_p' must be greater than 0", Some("top_p")));
+    }
+    let seed = match raw.seed {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .or_else(|| v.as_i64().map(i64::cast_unsigned))
+                .ok_or_else(|| bad("'seed' must be an integer", Some("seed")))?,
+        ),
+    };
+    let stop = match raw.stop {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(items)) if items.len() <= 4 => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) if !s.is_empty() => Ok(s),
+                _ => Err(bad(
+                    "'stop' entries must be non-empty strings",
+                    Some("stop"),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(bad(
+                "'stop' must be a string or an array of up to 4 strings",
+                Some("stop"),
+            ));
+        }
+    };
+    let stream = match raw.stream {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(_) => return Err(bad("'stream' must be a boolean", Some("stream"))),
+    };
+    let user = match raw.user {
+        None | Some(Value::Null) => None,
+        Some(Value::String(u)) => Some(u),
+        Some(_) => return Err(bad("'user' must be a string", Some("user"))),
+    };
+    Ok(CompletionRequest {
+        kind,
+        model,
+        prompt,
+        max_tokens,
+        temperature,
+        top_p,
+        seed,
+        stop,
+        stream,
+        user,
+    })
+}
+
+#[allow(clippy::cast_possible_truncation)] // ranges are checked
+fn number(
+    v: Option<Value>,
+    name: &'static str,
+    default: f32,
+    range: std::ops::RangeInclusive<f64>,
+) -> Result<f32, BadRequest> {
+    match v {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => match v.as_f64() {
+            Some(x) if range.contains(&x) => Ok(x as f32),
+            _ => Err(BadRequest {
+                message: format!(
+                    "'{name}' must be a number between {} and {}",
+                    range.start(),
+                    range.end()
+                ),
+                param: Some(name),
+            }),
+        },
+    }
+}
+
+/// The chat template of the built-in model: one `<|role|>` line per message,
+/// then the assistant's turn.
+fn render_chat(messages: Option<&Value>) -> Result<String, BadRequest> {
+    let Some(Value::Array(messages)) = messages else {
+        return Err(bad(
+            "'messages' must be a non-empty array",
+            Some("messages"),
+        ));
+    };
+    if messages.is_empty() {
+        return Err(bad(
+            "'messages' must be a non-empty array",
+            Some("messages"),
+        ));
+    }
+    let mut out = String::new();
+    for (i, m) in messages.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
+            bad(
+                format!("messages[{i}].role must be a string"),
+                Some("messages"),
+            )
+        })?;
+        if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool") {
+            return Err(bad(
+                format!(
+                    "messages[{i}].role '{role}' is not one of system, developer, user, assistant, tool"
+                ),
+                Some("messages"),
+            ));
+        }
+        let content = match m.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for part in parts {
+                    match (
+                        part.get("type").and_then(Value::as_str),
+                        part.get("text").and_then(Value::as_str),
+                    ) {
+                        (Some("text"), Some(t)) => text.push_str(t),
+                        _ => {
+                            return Err(bad(
+                                format!("messages[{i}].content: only text parts are supported"),
+                                Some("messages"),
+                            ));
+                        }
+                    }
+                }
+                text
+            }
+            Some(Value::Null) | None if role == "assistant" => String::new(),
+            _ => {
+                return Err(bad(
+                    format!("messages[{i}].content must be a string or an array of text parts"),
+                    Some("messages"),
+                ));
+            }
+        };
+        out.push_str("<|");
+        out.push_str(role);
+        out.push_str("|>\n");
+        out.push_str(&content);
+        out.push('\n');
+    }
+    out.push_str("<|assistant|>\n");
+    Ok(out)
+}
+
+/// Turns output bytes into text for streaming: whole UTF-8 characters only,
+/// holding back a character split across tokens.
+#[derive(Debug, Default)]
+pub struct Utf8Stream {
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    /// Text completed by `bytes`.
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let valid = match std::str::from_utf8(&self.pending) {
+            Ok(_) => self.pending.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            // Invalid bytes (not a split character): replace them now.
+            Err(_) => {
+                let text = String::from_utf8_lossy(&self.pending).into_owned();
+                self.pending.clear();
+                return text;
+            }
+        };
+        let rest = self.pending.split_off(valid);
+        String::from_utf8(std::mem::replace(&mut self.pending, rest)).expect("checked valid above")
+    }
+
+    /// Whatever is left at the end (an unfinished character becomes U+FFFD).
+    pub fn finish(&mut self) -> String {
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_bodies_parse_and_render() {
+        let r = parse(
+            Kind::Chat,
+            br#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"hi"}]}],"stream":true,"stop":"\n\n","seed":7,"max_tokens":5,"x":1}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.prompt,
+            "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"
+        );
+        assert!(r.stream);
+        assert_eq!((r.seed, r.max_tokens, r.stop.len()), (Some(7), Some(5), 1));
+    }
+
+    #[test]
+    fn bad_bodies_name_the_problem() {
+        let cases: [(&[u8], &str); 8] = [
+            (b"{not json", "could not parse"),
+            (br#"{"messages":[]}"#, "model parameter"),
+            (br#"{"model":"m","messages":[]}"#, "non-empty array"),
+            (
+                br#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#,
+                "not one of",
+            ),
+            (
+                br#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#,
+                "between 0 and 2",
+            ),
+            (
+                br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#,
+                "non-negative",
+            ),
+            (
+                br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":[1]}"#,
+                "non-empty strings",
+            ),
+            (
+                br#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#,
+                "n = 1",
+            ),
+        ];
+        for (body, want) in cases {
+            let err = parse(Kind::Chat, body).unwrap_err();
+            assert!(
+                err.message.contains(want),
+                "{:?}: {}",
+                String::from_utf8_lossy(body),
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn split_characters_wait_for_their_last_byte() {
+        let mut s = Utf8Stream::default();
+        let euro = "€".as_bytes();
+        assert_eq!(s.push(b"a"), "a");
+        assert_eq!(s.push(&euro[..1]), "");
+        assert_eq!(s.push(&euro[1..]), "€");
+        assert_eq!(s.push(&[0xff]), "\u{fffd}");
+        assert_eq!(s.push(&euro[..2]), "");
+        assert_eq!(s.finish(), "\u{fffd}");
+    }
+}

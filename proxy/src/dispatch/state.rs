@@ -1,0 +1,506 @@
+//! The dispatcher's state, behind one mutex: queues, workers, live requests.
+
+use super::{TenantSlot, WorkerSpec};
+use bulkhead_core::{
+    TenantId,
+    fair_queue::{FairQueue, QueueHandle, ServiceWeights},
+    wire::{
+        Finished, ProxyToWorker, Rejected, RequestId, Sampling, Submit, Violation, WorkerInfo,
+        WorkerToProxy,
+    },
+};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, MutexGuard},
+};
+use tokio::sync::mpsc;
+
+/// A request ready to run: admitted, tokenized.
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// Its tenant.
+    pub tenant: TenantId,
+    /// The model, as the workers name it.
+    pub model: String,
+    /// The prompt's tokens.
+    pub prompt_tokens: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// Sampling.
+    pub sampling: Sampling,
+    /// The tenant's KV quota on a worker.
+    pub kv_block_quota: u32,
+}
+
+/// What happens to a request, in order; `Finished` or `Failed` is the last.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// The request left the fair queue for a worker.
+    Dispatched,
+    /// Output tokens.
+    Tokens {
+        /// Index of the first in the output.
+        first_index: u32,
+        /// The tokens.
+        tokens: Vec<u32>,
+    },
+    /// The KV guard refused an access of this request (it then fails).
+    Violation(Violation),
+    /// The worker refused the request (a `Finished` follows).
+    Rejected(Rejected),
+    /// The request ended on its worker.
+    Finished(Finished),
+    /// The worker holding it died; nothing more will come.
+    Failed(String),
+}
+
+/// Why a request could not be queued.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DispatchError {
+    /// The tenant has its maximum number of requests queued.
+    #[error("tenant already has {cap} requests queued, its maximum")]
+    QueueFull {
+        /// The cap.
+        cap: u32,
+    },
+    /// The tenant is not configured.
+    #[error("tenant `{0}` is not configured")]
+    UnknownTenant(TenantId),
+    /// No live worker of the tenant's group serves the model.
+    #[error("no worker serving model `{0}` is available")]
+    NoWorker(String),
+}
+
+/// One request's events; dropping it cancels the request.
+#[derive(Debug)]
+pub struct Ticket {
+    id: RequestId,
+    events: mpsc::UnboundedReceiver<Event>,
+    shared: Arc<Shared>,
+    done: bool,
+}
+
+impl Ticket {
+    /// The request's id.
+    pub const fn id(&self) -> RequestId {
+        self.id
+    }
+
+    /// The next event; `None` after the last.
+    pub async fn next(&mut self) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        let event = self.events.recv().await;
+        if matches!(event, None | Some(Event::Finished(_) | Event::Failed(_))) {
+            self.done = true;
+        }
+        event
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared.lock().cancel(self.id);
+        }
+    }
+}
+
+/// A worker group's fair queue (the shared pool, or one tenant's own workers).
+#[derive(Debug)]
+pub(super) struct Group {
+    pub queue: FairQueue<RequestId>,
+}
+
+impl Group {
+    pub fn new(weights: ServiceWeights) -> Self {
+        Self {
+            queue: FairQueue::new(weights),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Live {
+    tenant: TenantId,
+    group: Option<TenantId>,
+    /// Until dispatched.
+    submit: Option<Submit>,
+    handle: Option<QueueHandle>,
+    worker: Option<usize>,
+    /// `None` once the client went away (the request is being cancelled).
+    sink: Option<mpsc::UnboundedSender<Event>>,
+}
+
+#[derive(Debug)]
+struct WorkerState {
+    id: u32,
+    group: Option<TenantId>,
+    tx: Option<mpsc::UnboundedSender<ProxyToWorker>>,
+    info: Option<WorkerInfo>,
+    running: BTreeMap<RequestId, TenantId>,
+}
+
+/// Everything the dispatcher knows.
+#[derive(Debug)]
+pub(super) struct State {
+    groups: HashMap<Option<TenantId>, Group>,
+    tenant_group: HashMap<TenantId, Option<TenantId>>,
+    workers: Vec<WorkerState>,
+    requests: HashMap<RequestId, Live>,
+    next_id: u128,
+}
+
+/// The state and its lock.
+#[derive(Debug)]
+pub(super) struct Shared {
+    state: Mutex<State>,
+}
+
+impl Shared {
+    pub fn new(state: State) -> Self {
+        Self {
+            state: Mutex::new(state),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; the state stays usable.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn submit(this: &Arc<Self>, job: Job) -> Result<Ticket, DispatchError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = this.lock().submit(job, tx)?;
+        Ok(Ticket {
+            id,
+            events: rx,
+            shared: this.clone(),
+            done: false,
+        })
+    }
+}
+
+impl State {
+    pub fn new(
+        groups: HashMap<Option<TenantId>, Group>,
+        tenants: &[TenantSlot],
+        workers: &[WorkerSpec],
+    ) -> Self {
+        Self {
+            groups,
+            tenant_group: tenants
+                .iter()
+                .map(|t| (t.id.clone(), t.dedicated.then(|| t.id.clone())))
+                .collect(),
+            workers: workers
+                .iter()
+                .map(|w| WorkerState {
+                    id: w.id,
+                    group: w.dedicated.clone(),
+                    tx: None,
+                    info: None,
+                    running: BTreeMap::new(),
+                })
+                .collect(),
+            requests: HashMap::new(),
+            // Ids unique across proxy restarts too: start from the clock.
+            next_id: u128::from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            ) << 64,
+        }
+    }
+
+    fn submit(
+        &mut self,
+        job: Job,
+        sink: mpsc::UnboundedSender<Event>,
+    ) -> Result<RequestId, DispatchError> {
+        let group = self
+            .tenant_group
+            .get(&job.tenant)
+            .cloned()
+            .ok_or_else(|| DispatchError::UnknownTenant(job.tenant.clone()))?;
+        let served = self.workers.iter().any(|w| {
+            w.group == group
+                && w.info
+                    .as_ref()
+                    .is_some_and(|i| i.models.contains(&job.model))
+        });
+        if !served {
+            return Err(DispatchError::NoWorker(job.model));
+        }
+        self.next_id += 1;
+        let id = RequestId(self.next_id);
+        let prompt_len = u32::try_from(job.prompt_tokens.len()).unwrap_or(u32::MAX);
+        let queue = &mut self
+            .groups
+            .get_mut(&group)
+            .expect("every tenant's group exists")
+            .queue;
+        let handle = queue
+            .enqueue(&job.tenant, prompt_len, id)
+            .map_err(|e| match e {
+                bulkhead_core::fair_queue::EnqueueError::BacklogFull { cap, .. } => {
+                    DispatchError::QueueFull { cap }
+                }
+                bulkhead_core::fair_queue::EnqueueError::UnknownTenant(_) => {
+                    DispatchError::UnknownTenant(job.tenant.clone())
+                }
+            })?;
+        self.requests.insert(
+            id,
+            Live {
+                tenant: job.tenant.clone(),
+                group,
+                submit: Some(Submit {
+                    request_id: id,
+                    tenant: job.tenant,
+                    model: job.model,
+                    prompt_tokens: job.prompt_tokens,
+                    max_tokens: job.max_tokens,
+                    sampling: job.sampling,
+                    kv_block_quota: job.kv_block_quota,
+                }),
+                handle: Some(handle),
+                worker: None,
+                sink: Some(sink),
+            },
+        );
+        self.pump();
+        Ok(id)
+    }
+
+    /// The client went away: unqueue, or cancel on the worker.
+    pub fn cancel(&mut self, id: RequestId) {
+        let Some(live) = self.requests.get_mut(&id) else {
+            return;
+        };
+        live.sink = None;
+        if let Some(handle) = live.handle.take() {
+            let group = live.group.clone();
+            self.requests.remove(&id);
+            if let Some(g) = self.groups.get_mut(&group) {
+                g.queue.cancel(handle);
+            }
+            return;
+        }
+        if let Some(w) = live.worker
+            && let Some(tx) = &self.workers[w].tx
+        {
+            // The record stays until the worker's Finished frees the slot.
+            let _ = tx.send(ProxyToWorker::Cancel { request_id: id });
+        }
+    }
+
+    /// Whether `w` may take a request of `tenant` now: a free slot, or the
+    /// tenant holds under half its share of the worker's slots (the worker
+    /// then preempts for it).
+    fn can_take(&self, w: usize, tenant: &TenantId) -> bool {
+        let worker = &self.workers[w];
+        let (Some(_), Some(info)) = (&worker.tx, &worker.info) else {
+            return false;
+        };
+        let running = worker.running.len();
+        let slots = info.max_slots as usize;
+        if running < slots {
+            return true;
+        }
+        let mine = worker.running.values().filter(|t| *t == tenant).count();
+        let mut tenants: Vec<&TenantId> = worker.running.values().collect();
+        tenants.push(tenant);
+        tenants.sort_unstable();
+        tenants.dedup();
+        // Bounded over-commit: at most one slot's worth per active tenant.
+        2 * mine * tenants.len() < slots && running < slots + tenants.len()
+    }
+
+    /// Hands queued requests to workers that can take them, in fair order.
+    pub fn pump(&mut self) {
+        let keys: Vec<Option<TenantId>> = self.groups.keys().cloned().collect();
+        for key in keys {
+            while let Some(tenant) = self.groups[&key].queue.peek_tenant().cloned() {
+                let candidates: Vec<usize> = (0..self.workers.len())
+                    .filter(|&w| self.workers[w].group == key && self.can_take(w, &tenant))
+                    .collect();
+                let Some(next) = self.groups.get_mut(&key).and_then(|g| g.queue.dequeue()) else {
+                    break;
+                };
+                let id = next.payload;
+                let live = self
+                    .requests
+                    .get_mut(&id)
+                    .expect("queued requests are live");
+                live.handle = None;
+                let model = live
+                    .submit
+                    .as_ref()
+                    .map(|s| s.model.clone())
+                    .expect("undispatched");
+                let chosen = candidates
+                    .into_iter()
+                    .filter(|&w| {
+                        self.workers[w]
+                            .info
+                            .as_ref()
+                            .is_some_and(|i| i.models.contains(&model))
+                    })
+                    .min_by_key(|&w| self.workers[w].running.len());
+                let Some(w) = chosen else {
+                    // Nobody can take the tenant at the head now: put it back.
+                    let g = self.groups.get_mut(&key).expect("group exists");
+                    let live = self.requests.get_mut(&id).expect("live");
+                    let prompt = live.submit.as_ref().map_or(0, |s| s.prompt_tokens.len());
+                    let handle = g
+                        .queue
+                        .requeue_front(&next.tenant, u32::try_from(prompt).unwrap_or(u32::MAX), id)
+                        .expect("the tenant is registered");
+                    live.handle = Some(handle);
+                    break;
+                };
+                let live = self.requests.get_mut(&id).expect("live");
+                let submit = live.submit.take().expect("undispatched");
+                live.worker = Some(w);
+                let worker = &mut self.workers[w];
+                worker.running.insert(id, next.tenant.clone());
+                let sent = worker
+                    .tx
+                    .as_ref()
+                    .is_some_and(|tx| tx.send(ProxyToWorker::Submit(submit)).is_ok());
+                if sent {
+                    self.forward(id, Event::Dispatched);
+                } else {
+                    self.fail(id, "the worker went away before the request reached it");
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, id: RequestId, why: &str) {
+        if let Some(live) = self.requests.remove(&id) {
+            if let Some(w) = live.worker {
+                self.workers[w].running.remove(&id);
+            }
+            if let Some(sink) = live.sink {
+                let _ = sink.send(Event::Failed(why.to_owned()));
+            }
+        }
+    }
+
+    /// A worker connected and said hello.
+    pub fn worker_up(
+        &mut self,
+        index: usize,
+        tx: mpsc::UnboundedSender<ProxyToWorker>,
+        info: WorkerInfo,
+    ) {
+        let w = &mut self.workers[index];
+        w.tx = Some(tx);
+        w.info = Some(info);
+        self.pump();
+    }
+
+    /// A worker's connection ended: its requests fail, the others go on.
+    pub fn worker_down(&mut self, index: usize, why: &str) {
+        let w = &mut self.workers[index];
+        w.tx = None;
+        let lost: Vec<RequestId> = std::mem::take(&mut w.running).into_keys().collect();
+        let message = format!("worker {} failed: {why}; the request was lost", w.id);
+        for id in lost {
+            self.fail(id, &message);
+        }
+        self.pump();
+    }
+
+    /// A frame from worker `index`.
+    pub fn on_frame(&mut self, index: usize, message: WorkerToProxy) {
+        match message {
+            WorkerToProxy::Tokens {
+                request_id,
+                first_index,
+                tokens,
+            } => {
+                if let Some(live) = self.requests.get(&request_id) {
+                    if let Some(g) = self.groups.get_mut(&live.group) {
+                        g.queue.charge_output(
+                            &live.tenant,
+                            u32::try_from(tokens.len()).unwrap_or(u32::MAX),
+                        );
+                    }
+                    if let Some(sink) = &live.sink {
+                        let _ = sink.send(Event::Tokens {
+                            first_index,
+                            tokens,
+                        });
+                    }
+                }
+            }
+            WorkerToProxy::Violation(v) => {
+                tracing::error!(tenant = %v.tenant, kind = ?v.kind, block = v.block, "KV guard violation: {}", v.detail);
+                self.forward(v.request_id, Event::Violation(v));
+            }
+            WorkerToProxy::Rejected(r) => {
+                if let Some(id) = r.request_id {
+                    self.forward(id, Event::Rejected(r));
+                } else {
+                    tracing::warn!(
+                        "worker {} refused a frame: {:?}: {}",
+                        self.workers[index].id,
+                        r.kind,
+                        r.detail
+                    );
+                }
+            }
+            WorkerToProxy::Finished(f) => {
+                let id = f.request_id;
+                self.workers[index].running.remove(&id);
+                if let Some(live) = self.requests.remove(&id)
+                    && let Some(sink) = live.sink
+                {
+                    let _ = sink.send(Event::Finished(f));
+                }
+                self.pump();
+            }
+            WorkerToProxy::Capacity(_) | WorkerToProxy::Hello(_) => {}
+        }
+    }
+
+    fn forward(&self, id: RequestId, event: Event) {
+        if let Some(sink) = self.requests.get(&id).and_then(|l| l.sink.as_ref()) {
+            let _ = sink.send(event);
+        }
+    }
+
+    pub fn workers_summary(&self) -> Vec<(u32, bool, u32)> {
+        self.workers
+            .iter()
+            .map(|w| {
+                (
+                    w.id,
+                    w.tx.is_some(),
+                    u32::try_from(w.running.len()).unwrap_or(u32::MAX),
+                )
+            })
+            .collect()
+    }
+
+    pub fn queued_for(&self, tenant: &TenantId) -> usize {
+        self.tenant_group
+            .get(tenant)
+            .and_then(|g| self.groups.get(g))
+            .map_or(0, |g| g.queue.queued(tenant))
+    }
+
+    pub fn queued(&self) -> usize {
+        self.groups.values().map(|g| g.queue.len()).sum()
+    }
+
+    pub fn all_alive(&self) -> bool {
+        self.workers.iter().all(|w| w.tx.is_some())
+    }
+}

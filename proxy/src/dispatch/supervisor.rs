@@ -1,0 +1,184 @@
+//! One task per worker: start it, connect, shuttle frames, and start it again when it dies.
+
+use super::{WorkerSpec, state::Shared};
+use bulkhead_core::wire::{
+    FrameDecoder, Hello, ProxyToWorker, Role, WorkerInfo, WorkerToProxy, encode_frame,
+};
+use std::{sync::Arc, time::Duration};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::UnixStream,
+    process::{Child, Command},
+    sync::mpsc,
+};
+
+/// How long a started worker may take to listen and say hello.
+const START_TIMEOUT: Duration = Duration::from_mins(1);
+
+/// Runs worker `index` for the life of the process.
+pub async fn run(shared: Arc<Shared>, index: usize, spec: WorkerSpec, backoff: Duration) {
+    loop {
+        let why = match session(&shared, index, &spec).await {
+            Ok(why) | Err(why) => why,
+        };
+        tracing::warn!(
+            "worker {} is down: {why}; restarting in {backoff:?}",
+            spec.id
+        );
+        shared.lock().worker_down(index, &why);
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+/// One life of the worker: start (if ours), connect, serve until it ends.
+async fn session(shared: &Arc<Shared>, index: usize, spec: &WorkerSpec) -> Result<String, String> {
+    let mut child = match &spec.spawn_args {
+        Some(args) => Some(spawn(spec, args)?),
+        None => None,
+    };
+    let stream = connect(spec, child.as_mut()).await?;
+    let (mut reader, mut writer) = stream.into_split();
+    let mut decoder = FrameDecoder::<WorkerToProxy>::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = Vec::new();
+
+    encode_frame(&ProxyToWorker::Hello(Hello::proxy(spec.id)), &mut out)
+        .map_err(|e| e.to_string())?;
+    writer
+        .write_all(&out)
+        .await
+        .map_err(|e| format!("writing Hello: {e}"))?;
+    let info = tokio::time::timeout(
+        START_TIMEOUT,
+        read_hello(&mut reader, &mut decoder, &mut buf, spec.id),
+    )
+    .await
+    .map_err(|_| "no Hello from the worker".to_owned())??;
+    tracing::info!(
+        "worker {} up: {:?}, models {:?}, {} slots, {} KV blocks",
+        spec.id,
+        info.backend,
+        info.models,
+        info.max_slots,
+        info.total_blocks
+    );
+    let (tx, mut rx) = mpsc::unbounded_channel::<ProxyToWorker>();
+    shared.lock().worker_up(index, tx, info);
+    // Frames buffered with the Hello.
+    drain(shared, index, &mut decoder)?;
+
+    loop {
+        tokio::select! {
+            read = reader.read(&mut buf) => match read {
+                Ok(0) => return Ok("its socket closed".to_owned()),
+                Ok(n) => {
+                    decoder.push(&buf[..n]);
+                    drain(shared, index, &mut decoder)?;
+                }
+                Err(e) => return Err(format!("reading: {e}")),
+            },
+            message = rx.recv() => {
+                let Some(message) = message else { return Ok("dispatcher gone".to_owned()) };
+                out.clear();
+                encode_frame(&message, &mut out).map_err(|e| e.to_string())?;
+                // Batch whatever else is waiting into the same write.
+                while let Ok(more) = rx.try_recv() {
+                    encode_frame(&more, &mut out).map_err(|e| e.to_string())?;
+                }
+                writer.write_all(&out).await.map_err(|e| format!("writing: {e}"))?;
+            }
+            status = wait_child(child.as_mut()) => {
+                return Ok(format!("its process exited ({status})"));
+            }
+        }
+    }
+}
+
+fn drain(
+    shared: &Arc<Shared>,
+    index: usize,
+    decoder: &mut FrameDecoder<WorkerToProxy>,
+) -> Result<(), String> {
+    loop {
+        match decoder.next_message() {
+            Ok(Some(m)) => shared.lock().on_frame(index, m),
+            Ok(None) => return Ok(()),
+            Err(e) if decoder.is_poisoned() => return Err(format!("broken stream: {e}")),
+            Err(e) => tracing::warn!("skipped a malformed frame from a worker: {e}"),
+        }
+    }
+}
+
+async fn read_hello(
+    reader: &mut tokio::net::unix::OwnedReadHalf,
+    decoder: &mut FrameDecoder<WorkerToProxy>,
+    buf: &mut [u8],
+    id: u32,
+) -> Result<WorkerInfo, String> {
+    loop {
+        match decoder.next_message() {
+            Ok(Some(WorkerToProxy::Hello(hello))) => {
+                hello.check_version().map_err(|e| e.to_string())?;
+                return match hello.role {
+                    Role::Worker(info) if hello.worker_id == id => Ok(info),
+                    _ => Err(format!("the peer did not answer as worker {id}")),
+                };
+            }
+            Ok(Some(other)) => return Err(format!("expected Hello, got {other:?}")),
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        let n = reader.read(buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the worker closed the connection during the handshake".to_owned());
+        }
+        decoder.push(&buf[..n]);
+    }
+}
+
+fn spawn(spec: &WorkerSpec, args: &[String]) -> Result<Child, String> {
+    let exe = match &spec.program {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().map_err(|e| format!("finding our own binary: {e}"))?,
+    };
+    Command::new(exe)
+        .arg("worker")
+        .arg("--listen")
+        .arg(&spec.socket)
+        .arg("--worker-id")
+        .arg(spec.id.to_string())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("starting the worker: {e}"))
+}
+
+async fn connect(spec: &WorkerSpec, mut child: Option<&mut Child>) -> Result<UnixStream, String> {
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    loop {
+        match UnixStream::connect(&spec.socket).await {
+            Ok(s) => return Ok(s),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(format!("connecting to {}: {e}", spec.socket.display()));
+            }
+            Err(_) => {}
+        }
+        if let Some(c) = child.as_deref_mut()
+            && let Ok(Some(status)) = c.try_wait()
+        {
+            return Err(format!("the worker exited before listening ({status})"));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn wait_child(child: Option<&mut Child>) -> String {
+    match child {
+        Some(c) => c
+            .wait()
+            .await
+            .map_or_else(|e| e.to_string(), |s| s.to_string()),
+        None => std::future::pending().await,
+    }
+}

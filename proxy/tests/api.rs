@@ -1,0 +1,318 @@
+//! The OpenAI-compatible API over real `sim` workers, without a transport:
+//! answers, streams, and every refusal with its status and error body.
+
+use bulkhead::{
+    api::{App, metrics::Metrics},
+    dispatch::{Dispatcher, TenantSlot, WorkerSpec},
+    front::{ApiRequest, ApiResponse, Handler, Peer, Protocol, ResponseBody},
+};
+use bulkhead_core::{
+    TenantId,
+    config::Config,
+    fair_queue::ServiceWeights,
+    identity::{ApiKeyHash, IdentityError},
+};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use serde_json::{Value, json};
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+const ACME_KEY: &str = "sk-acme-test-key";
+const GLOBEX_KEY: &str = "sk-globex-test-key";
+
+fn config() -> Config {
+    let toml = format!(
+        r#"
+trust_domain = "bulkhead.test"
+[tls]
+cert = "unused.pem"
+key = "unused.key"
+client_ca = ["unused-ca.pem"]
+[kv]
+pool_blocks = 1024
+[[models]]
+name = "tiny"
+backend = "sim"
+max_context_tokens = 2048
+[[models]]
+name = "big"
+backend = "sim"
+max_context_tokens = 2048
+[[tenants]]
+id = "acme"
+allowed_models = ["tiny"]
+max_prompt_bytes = 4096
+max_tokens_per_request = 64
+kv_block_quota = 512
+api_key_sha256 = ["{}"]
+[[tenants]]
+id = "globex"
+allowed_models = ["tiny", "big"]
+requests_per_second = 0.5
+request_burst = 2
+kv_block_quota = 512
+api_key_sha256 = ["{}"]
+"#,
+        ApiKeyHash::of(ACME_KEY).to_hex(),
+        ApiKeyHash::of(GLOBEX_KEY).to_hex()
+    );
+    Config::from_toml_str(&toml).unwrap()
+}
+
+async fn app(name: &str) -> (Arc<App>, PathBuf) {
+    let config = config();
+    let dir = std::env::temp_dir().join(format!("bh-api-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let workers = ["tiny", "big"]
+        .iter()
+        .enumerate()
+        .map(|(i, model)| WorkerSpec {
+            id: u32::try_from(i).unwrap(),
+            socket: dir.join(format!("w{i}.sock")),
+            spawn_args: Some(
+                [
+                    "--backend",
+                    "sim",
+                    "--sim-fast",
+                    "--model-name",
+                    model,
+                    "--blocks",
+                    "512",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
+            ),
+            dedicated: None,
+            program: Some(PathBuf::from(env!("CARGO_BIN_EXE_bulkhead"))),
+        })
+        .collect();
+    let tenants: Vec<TenantSlot> = config
+        .tenants
+        .iter()
+        .map(|t| TenantSlot {
+            id: t.id.clone(),
+            weight: t.weight,
+            max_queued: t.max_queued_requests,
+            dedicated: false,
+        })
+        .collect();
+    let dispatcher = Dispatcher::start(
+        ServiceWeights::default(),
+        &tenants,
+        workers,
+        Duration::from_millis(100),
+    );
+    assert!(dispatcher.wait_ready(Duration::from_mins(1)).await);
+    let app = App::new(config, dispatcher, Arc::new(Metrics::default())).unwrap();
+    (Arc::new(app), dir)
+}
+
+fn request(
+    tenant: Result<&str, IdentityError>,
+    method: Method,
+    path: &str,
+    body: &Value,
+) -> ApiRequest {
+    ApiRequest {
+        method,
+        path: path.to_owned(),
+        headers: HeaderMap::new(),
+        body: body.to_string().into(),
+        peer: Peer {
+            tenant: tenant.map(|t| TenantId::new(t).unwrap()),
+            remote: "127.0.0.1:1".parse().unwrap(),
+            protocol: Protocol::Http2,
+        },
+    }
+}
+
+#[allow(clippy::needless_pass_by_value)] // call sites read better with values
+fn chat(tenant: &str, body: Value) -> ApiRequest {
+    request(Ok(tenant), Method::POST, "/v1/chat/completions", &body)
+}
+
+async fn body_of(r: ApiResponse) -> String {
+    match r.body {
+        ResponseBody::Full(b) => String::from_utf8(b.to_vec()).unwrap(),
+        ResponseBody::Stream(mut rx) => {
+            let mut s = String::new();
+            while let Some(chunk) = rx.recv().await {
+                s.push_str(std::str::from_utf8(&chunk).unwrap());
+            }
+            s
+        }
+    }
+}
+
+async fn error_of(app: &App, req: ApiRequest) -> (StatusCode, HeaderMap, Value) {
+    let r = app.handle(req).await;
+    let (status, headers) = (r.status, r.headers.clone());
+    let body: Value = serde_json::from_str(&body_of(r).await).unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    (status, headers, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_whole_and_streamed_agree() {
+    let (app, dir) = app("answers").await;
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 12, "temperature": 0, "seed": 3});
+    let r = app.handle(chat("acme", body.clone())).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let whole: Value = serde_json::from_str(&body_of(r).await).unwrap();
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    assert_eq!(whole["usage"]["completion_tokens"], 12);
+    let text = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let r = app.handle(chat("acme", streamed)).await;
+    assert_eq!(r.headers["content-type"], "text/event-stream");
+    let sse = body_of(r).await;
+    let events: Vec<&str> = sse.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    let mut joined = String::new();
+    let mut usage = None;
+    let mut reason = None;
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(v["object"], "chat.completion.chunk");
+        if let Some(c) = v["choices"].get(0) {
+            joined.push_str(c["delta"]["content"].as_str().unwrap_or(""));
+            if !c["finish_reason"].is_null() {
+                reason = Some(c["finish_reason"].clone());
+            }
+        } else {
+            usage = Some(v["usage"].clone());
+        }
+    }
+    assert_eq!(joined, text, "the stream and the whole answer differ");
+    assert_eq!(reason, Some(json!("length")));
+    assert_eq!(usage.unwrap()["completion_tokens"], 12);
+
+    // Text completions and the model list.
+    let r = app
+        .handle(request(
+            Ok("acme"),
+            Method::POST,
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": "x", "max_tokens": 3}),
+        ))
+        .await;
+    let v: Value = serde_json::from_str(&body_of(r).await).unwrap();
+    assert_eq!(v["object"], "text_completion");
+    let r = app
+        .handle(request(Ok("acme"), Method::GET, "/v1/models", &Value::Null))
+        .await;
+    let v: Value = serde_json::from_str(&body_of(r).await).unwrap();
+    assert_eq!(
+        v["data"].as_array().unwrap().len(),
+        1,
+        "acme may use tiny only: {v}"
+    );
+    let r = app
+        .handle(request(Ok("acme"), Method::GET, "/metrics", &Value::Null))
+        .await;
+    let metrics = body_of(r).await;
+    assert!(
+        metrics.contains("bulkhead_requests_total{tenant=\"acme\",status=\"200\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("bulkhead_time_to_first_token_seconds_count{tenant=\"acme\"} 3"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_have_honest_statuses_and_openai_bodies() {
+    let (app, dir) = app("refusals").await;
+    let ok =
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+
+    let (s, _, _) = error_of(
+        &app,
+        request(
+            Err(IdentityError::NoSpiffeId),
+            Method::POST,
+            "/v1/chat/completions",
+            &ok.clone(),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, b) = error_of(&app, chat("initech", ok.clone())).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not configured")
+    );
+
+    let mut foreign = chat("acme", ok.clone());
+    foreign.headers.insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {GLOBEX_KEY}")).unwrap(),
+    );
+    let (s, _, _) = error_of(&app, foreign).await;
+    assert_eq!(
+        s,
+        StatusCode::FORBIDDEN,
+        "globex's key on acme's certificate"
+    );
+    let mut own = chat("acme", ok.clone());
+    own.headers.insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {ACME_KEY}")).unwrap(),
+    );
+    assert_eq!(app.handle(own).await.status, StatusCode::OK);
+
+    let (s, _, b) = error_of(
+        &app,
+        chat(
+            "acme",
+            json!({"model": "big", "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(b["error"]["code"], "model_not_found");
+    let huge = "x".repeat(5_000);
+    let (s, _, _) = error_of(
+        &app,
+        chat(
+            "acme",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": huge}]}),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    let mut bad = chat("acme", Value::Null);
+    bad.body = "{\"model\": \"tiny\", \"messages\": [".into();
+    let (s, _, b) = error_of(&app, bad).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(b["error"]["type"], "invalid_request_error");
+
+    // globex: 0.5 requests/s with a burst of 2: the third in a row is refused.
+    for _ in 0..2 {
+        assert_eq!(
+            app.handle(chat("globex", ok.clone())).await.status,
+            StatusCode::OK
+        );
+    }
+    let (s, headers, b) = error_of(&app, chat("globex", ok.clone())).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(b["error"]["type"], "rate_limit_error");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    // acme is not slowed by globex's limit.
+    assert_eq!(app.handle(chat("acme", ok)).await.status, StatusCode::OK);
+    let _ = std::fs::remove_dir_all(dir);
+}
