@@ -9,8 +9,12 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod certs;
 pub mod dispatch;
 pub mod ebpf;
 pub mod front;
+pub mod serve;
 pub mod simulate;
+pub mod tls;
+pub mod transport;
 pub mod worker;

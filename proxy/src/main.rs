@@ -2,6 +2,7 @@
 
 use anyhow::Context as _;
 use bulkhead::ebpf::{self, KernelPlane, Origin, PlaneStatus};
+use bulkhead::serve::{self, ServeOptions};
 use bulkhead::simulate::{self, SimulateOptions};
 use bulkhead::worker::{self, BackendChoice, WorkerOptions};
 use bulkhead_core::config::Config;
@@ -33,8 +34,38 @@ enum Command {
     /// Kernel enforcement: load, inspect or unload the eBPF programs (as root).
     #[command(subcommand)]
     Ebpf(EbpfCommand),
+    /// Serve the API over HTTP/3 and TLS/TCP with mutual TLS, starting the
+    /// workers the config names.
+    Serve {
+        /// The host config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Directory for the workers' sockets.
+        #[arg(long, default_value = "/run/bulkhead")]
+        runtime_dir: PathBuf,
+    },
     /// Run a worker: the engine (KV pool, batching, kernels) behind a unix socket.
     Worker(WorkerArgs),
+    /// Write a development PKI: server and tenant CAs, a server certificate
+    /// for localhost, one client certificate per tenant.
+    Certs(CertsArgs),
+}
+
+/// `bulkhead certs` options.
+#[derive(Debug, clap::Args)]
+struct CertsArgs {
+    /// Directory to write into (created 0700 if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// SPIFFE trust domain of the tenants' ids (the config's `trust_domain`).
+    #[arg(long)]
+    trust_domain: String,
+    /// Tenants to issue client certificates for, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    tenants: Vec<String>,
+    /// Replace files already in the directory.
+    #[arg(long)]
+    force: bool,
 }
 
 /// `bulkhead worker` options.
@@ -125,7 +156,15 @@ fn main() -> ExitCode {
     let output = match cli.command {
         Command::Simulate { seed, verbose } => Ok(simulate::run(SimulateOptions { seed, verbose })),
         Command::Ebpf(command) => run_ebpf(command),
+        Command::Serve {
+            config,
+            runtime_dir,
+        } => run_serve(ServeOptions {
+            config,
+            runtime_dir,
+        }),
         Command::Worker(args) => run_worker(args),
+        Command::Certs(args) => run_certs(&args),
     };
     match output {
         Ok(text) => {
@@ -140,6 +179,65 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes a development PKI and says what went where.
+fn run_certs(args: &CertsArgs) -> anyhow::Result<String> {
+    use bulkhead::certs;
+    let domain = bulkhead_core::identity::TrustDomain::new(&args.trust_domain)
+        .with_context(|| format!("--trust-domain `{}`", args.trust_domain))?;
+    let tenants = args
+        .tenants
+        .iter()
+        .map(|n| {
+            bulkhead_core::TenantId::new(n.trim())
+                .with_context(|| format!("--tenants: `{n}` is not a tenant id"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let pki = certs::generate(&domain, &tenants)?;
+    let written = pki.write_to(&args.out, args.force)?;
+    let dir = args.out.display();
+    let mut out = format!("wrote {} files to {dir}\n", written.len());
+    let _ = writeln!(
+        out,
+        "  server: tls.cert = \"{dir}/{}\", tls.key = \"{dir}/{}\" (for {})",
+        certs::SERVER_CERT_FILE,
+        certs::SERVER_KEY_FILE,
+        certs::SERVER_NAMES.join(", ")
+    );
+    let _ = writeln!(
+        out,
+        "  tls.client_ca = [\"{dir}/{}\"]",
+        certs::TENANT_CA_FILE
+    );
+    let _ = writeln!(out, "  clients trust {dir}/{}", certs::SERVER_CA_FILE);
+    for tenant in &tenants {
+        let _ = writeln!(
+            out,
+            "  {tenant}: {dir}/{} + {dir}/{} ({})",
+            certs::client_cert_file(tenant),
+            certs::client_key_file(tenant),
+            certs::spiffe_id(&domain, tenant)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  untrusted (for refusal tests): {dir}/{} + {dir}/{}, issued by {dir}/{}",
+        certs::UNTRUSTED_CLIENT_CERT_FILE,
+        certs::UNTRUSTED_CLIENT_KEY_FILE,
+        certs::UNTRUSTED_CA_FILE
+    );
+    Ok(out)
+}
+
+/// Runs the front door until SIGTERM or SIGINT.
+fn run_serve(opts: ServeOptions) -> anyhow::Result<String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve::run(opts))?;
+    Ok(String::new())
 }
 
 /// Runs a worker until a proxy shuts it down.

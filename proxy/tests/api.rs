@@ -316,3 +316,117 @@ async fn refusals_have_honest_statuses_and_openai_bodies() {
     assert_eq!(app.handle(chat("acme", ok)).await.status, StatusCode::OK);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// acme has a worker of its own (isolation `process`); globex shares the pool.
+async fn isolated_app(name: &str) -> (Arc<App>, PathBuf) {
+    let mut config = config();
+    config.tenants[0].isolation = bulkhead_core::IsolationLevel::Process;
+    let dir = std::env::temp_dir().join(format!("bh-api-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let worker = |id: u32, dedicated: Option<&str>| WorkerSpec {
+        id,
+        socket: dir.join(format!("w{id}.sock")),
+        // Real-time pacing: a long request is still running when we kill its worker.
+        spawn_args: Some(
+            [
+                "--backend",
+                "sim",
+                "--model-name",
+                "tiny",
+                "--blocks",
+                "512",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        ),
+        dedicated: dedicated.map(|t| TenantId::new(t).unwrap()),
+        program: Some(PathBuf::from(env!("CARGO_BIN_EXE_bulkhead"))),
+    };
+    let workers = vec![worker(0, Some("acme")), worker(1, None)];
+    let tenants: Vec<TenantSlot> = config
+        .tenants
+        .iter()
+        .map(|t| TenantSlot {
+            id: t.id.clone(),
+            weight: t.weight,
+            max_queued: t.max_queued_requests,
+            dedicated: t.isolation != bulkhead_core::IsolationLevel::Shared,
+        })
+        .collect();
+    let dispatcher = Dispatcher::start(
+        ServiceWeights::default(),
+        &tenants,
+        workers,
+        Duration::from_millis(100),
+    );
+    assert!(dispatcher.wait_ready(Duration::from_mins(1)).await);
+    let app = App::new(config, dispatcher, Arc::new(Metrics::default())).unwrap();
+    (Arc::new(app), dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_stream_fails_its_streams_only_and_comes_back() {
+    let (app, dir) = isolated_app("kill").await;
+    let body = json!({"model": "tiny", "stream": true, "max_tokens": 40,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let open = |tenant: &str| {
+        let app = app.clone();
+        let req = chat(tenant, body.clone());
+        async move {
+            let r = app.handle(req).await;
+            assert_eq!(r.status, StatusCode::OK);
+            let ResponseBody::Stream(rx) = r.body else {
+                panic!("not a stream")
+            };
+            rx
+        }
+    };
+    let mut acme = open("acme").await;
+    let globex = open("globex").await;
+    // acme's first chunk arrives, then its worker dies.
+    let first = acme.recv().await.unwrap();
+    assert!(first.starts_with(b"data: {"));
+    let sock0 = dir.join("w0.sock");
+    assert!(
+        std::process::Command::new("pkill")
+            .args(["-KILL", "-f", &sock0.display().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut rest = String::new();
+    while let Some(chunk) = acme.recv().await {
+        rest.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let last = rest.trim_end().rsplit("\n\n").next().unwrap();
+    let err: Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(err["error"]["code"], "worker_failed", "{rest}");
+    assert!(!rest.contains("[DONE]"));
+    // globex, on the shared worker, completes.
+    let mut globex = globex;
+    let mut text = String::new();
+    while let Some(chunk) = globex.recv().await {
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    // acme's worker comes back and serves acme again.
+    let deadline = tokio::time::Instant::now() + Duration::from_mins(1);
+    loop {
+        let r = app
+            .handle(chat(
+                "acme",
+                json!({"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}),
+            ))
+            .await;
+        if r.status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "acme's worker never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

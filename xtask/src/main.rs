@@ -9,6 +9,7 @@ mod ci;
 mod kernel;
 mod nvrtc;
 mod process;
+mod pyenv;
 mod setup;
 
 use clap::{Parser, Subcommand};

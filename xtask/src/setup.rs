@@ -31,6 +31,9 @@ pub struct SetupOptions {
     /// Skip NVRTC (the pinned `nvidia-cuda-nvrtc` wheel in target/nvrtc) that the CUDA compile check needs.
     #[arg(long)]
     pub no_nvrtc: bool,
+    /// Skip the Python venv (target/pyenv: pinned `aioquic` and `openai`) of the HTTP/3 and `OpenAI` test clients.
+    #[arg(long)]
+    pub no_pyenv: bool,
 }
 
 /// What a step found when it looked.
@@ -84,6 +87,9 @@ fn steps(root: &Path, opts: &SetupOptions) -> anyhow::Result<Vec<Step>> {
     if !opts.no_nvrtc {
         steps.push(nvrtc_step(root));
     }
+    if !opts.no_pyenv {
+        steps.push(pyenv_step(root));
+    }
     if opts.ebpf {
         steps.extend(ebpf_steps());
     }
@@ -115,6 +121,24 @@ fn nvrtc_step(root: &Path) -> Step {
             })
         }),
         install: Box::new(move || crate::nvrtc::install(&for_install)),
+    }
+}
+
+/// The test clients' Python venv in `target/pyenv` (see `crate::pyenv`).
+fn pyenv_step(root: &Path) -> Step {
+    let (for_check, for_install) = (root.to_path_buf(), root.to_path_buf());
+    Step {
+        name: format!(
+            "Python test clients ({})",
+            crate::pyenv::requirements().join(", ")
+        ),
+        check: Box::new(move || {
+            Ok(match crate::pyenv::check(&for_check) {
+                Ok(what) => Found::Present(what),
+                Err(what) => Found::Missing(what),
+            })
+        }),
+        install: Box::new(move || crate::pyenv::install(&for_install)),
     }
 }
 
