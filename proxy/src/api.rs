@@ -53,6 +53,7 @@ pub struct App {
     metrics: Arc<Metrics>,
     tokenizer: ByteTokenizer,
     epoch: Instant,
+    kernel: Option<Arc<Mutex<crate::ebpf::KernelPlane>>>,
 }
 
 /// An error answer.
@@ -131,7 +132,49 @@ impl App {
             metrics,
             tokenizer: ByteTokenizer::new(&ModelConfig::tiny()),
             epoch: Instant::now(),
+            kernel: None,
         })
+    }
+
+    /// Reports the kernel programs' per-tenant packet counters in `/metrics`.
+    #[must_use]
+    pub fn with_kernel(mut self, plane: Arc<Mutex<crate::ebpf::KernelPlane>>) -> Self {
+        self.kernel = Some(plane);
+        self
+    }
+
+    /// Per tenant (by id), packets the kernel passed and dropped.
+    fn kernel_counts(&self) -> BTreeMap<String, KernelCounts> {
+        let Some(plane) = &self.kernel else {
+            return BTreeMap::new();
+        };
+        let counters = match plane
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .counters()
+        {
+            Ok(c) => c,
+            Err(err) => {
+                tracing::warn!("reading the kernel counters failed: {}", err.chain());
+                return BTreeMap::new();
+            }
+        };
+        counters
+            .into_iter()
+            .map(|(index, c)| {
+                let name = usize::try_from(index)
+                    .ok()
+                    .and_then(|i| self.config.tenants.get(i))
+                    .map_or_else(|| "unknown".to_owned(), |t| t.id.to_string());
+                (
+                    name,
+                    KernelCounts {
+                        passed: c.ingress_passed_packets,
+                        dropped: c.ingress_dropped_packets,
+                    },
+                )
+            })
+            .collect()
     }
 
     /// The metrics.
@@ -698,8 +741,7 @@ impl Handler for App {
             (&Method::GET, "/metrics") => Ok(ApiResponse::full(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                self.metrics
-                    .render(&BTreeMap::<String, KernelCounts>::new()),
+                self.metrics.render(&self.kernel_counts()),
             )),
             (
                 _,

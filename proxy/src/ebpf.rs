@@ -26,6 +26,7 @@ mod flow;
 mod limits;
 mod pins;
 mod plane;
+mod registry;
 
 pub use self::{
     error::EbpfError,
@@ -43,4 +44,5 @@ pub use self::{
         ApplyReport, KernelPlane, LinkStatus, Origin, PlaneStatus, TenantStatus, UnloadReport,
         embedded_object,
     },
+    registry::KernelFlows,
 };

@@ -5,21 +5,29 @@
 //! `Alt-Svc`), both requiring client certificates of the tenant CAs. SIGTERM
 //! or SIGINT drain: listeners stop accepting, in-flight requests finish
 //! within the grace period, workers stop with the process.
+//!
+//! With `[ebpf] mode` on, the kernel programs are loaded (or their pins
+//! reused) on this process's cgroup, each connection's address is registered
+//! under its tenant after the handshake (and followed when a QUIC client's
+//! address changes), and `/metrics` reports the kernel's per-tenant packets.
 
 pub mod plan;
 
 use crate::{
     api::{App, metrics::Metrics},
     dispatch::Dispatcher,
+    ebpf::{DEFAULT_BPFFS, DEFAULT_INSTANCE, KernelFlows, KernelPlane},
     tls::ServerTls,
-    transport::{QuicServer, Shutdown, TcpServer, TransportLimits},
+    transport::{
+        FlowRegistry, QuicServer, Shutdown, TcpServer, TenantConnections, TransportLimits,
+    },
 };
 use anyhow::Context as _;
-use bulkhead_core::config::Config;
+use bulkhead_core::config::{Config, EbpfMode};
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -64,13 +72,27 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let limits = TransportLimits::default();
     let domain = config.trust_domain.clone();
     let (quic_addr, tcp_addr) = (config.listeners.quic, config.listeners.tcp);
-    let app = Arc::new(App::new(config, dispatcher, Arc::new(Metrics::default()))?);
-    let quic = QuicServer::bind(quic_addr, tls.quic.clone(), domain.clone(), limits)?;
+    let plane = start_kernel_plane(&config)?;
+    let mut app = App::new(config.clone(), dispatcher, Arc::new(Metrics::default()))?;
+    if let Some(plane) = &plane {
+        app = app.with_kernel(plane.clone());
+    }
+    let app = Arc::new(app);
+    let mut quic = QuicServer::bind(quic_addr, tls.quic.clone(), domain.clone(), limits)?;
     let quic_port = quic.local_addr()?.port();
-    let tcp = TcpServer::bind(tcp_addr, tls.tcp.clone(), domain, limits)
+    let mut tcp = TcpServer::bind(tcp_addr, tls.tcp.clone(), domain, limits)
         .await
         .with_context(|| format!("listening on {tcp_addr}"))?
         .with_alt_svc(quic_port);
+    // One count of connections per tenant across both listeners.
+    let connections = TenantConnections::new(limits.max_connections_per_tenant);
+    quic = quic.with_connections(connections.clone());
+    tcp = tcp.with_connections(connections);
+    if let Some(plane) = plane {
+        let flows: Arc<dyn FlowRegistry> = Arc::new(KernelFlows::new(plane, &config));
+        quic = quic.with_flows(flows.clone());
+        tcp = tcp.with_flows(flows);
+    }
     let bound = Bound {
         quic: quic.local_addr()?,
         tcp: tcp.local_addr()?,
@@ -96,6 +118,47 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     shutdown.trigger();
     let _ = tokio::join!(quic_task, tcp_task);
     Ok(())
+}
+
+/// Kernel enforcement as `[ebpf] mode` says, attached to this process's own
+/// cgroup (the listeners' sockets live here): `None` when off, or when
+/// `auto` could not load (it warns).
+fn start_kernel_plane(config: &Config) -> anyhow::Result<Option<Arc<Mutex<KernelPlane>>>> {
+    if config.ebpf.mode == EbpfMode::Off {
+        return KernelPlane::start(
+            EbpfMode::Off,
+            config,
+            Path::new("/"),
+            DEFAULT_INSTANCE,
+            Path::new(DEFAULT_BPFFS),
+        )
+        .map(|_| None)
+        .map_err(Into::into);
+    }
+    let cgroup = own_cgroup().context("finding this process's cgroup")?;
+    let plane = KernelPlane::start(
+        config.ebpf.mode,
+        config,
+        &cgroup,
+        DEFAULT_INSTANCE,
+        Path::new(DEFAULT_BPFFS),
+    )?;
+    Ok(plane.map(|p| Arc::new(Mutex::new(p))))
+}
+
+/// This process's cgroup v2 directory, from `/proc/self/cgroup` (`0::<path>`).
+fn own_cgroup() -> anyhow::Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let path = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .context("no cgroup v2 entry (`0::`) in /proc/self/cgroup")?;
+    let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(Path::new)
+        .find(|r| r.join("cgroup.controllers").exists())
+        .context("no cgroup v2 hierarchy mounted at /sys/fs/cgroup")?;
+    Ok(root.join(path.trim_start_matches('/')))
 }
 
 fn prepare_runtime_dir(dir: &Path) -> anyhow::Result<()> {

@@ -12,6 +12,7 @@
 //! client would see only a reset): every request on it is answered `429`
 //! with an OpenAI-style error, and it is closed gracefully after the first.
 
+pub mod flows;
 pub mod quic;
 pub mod tcp;
 
@@ -23,6 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::watch;
 
+pub use self::flows::{FlowGuard, FlowRegistry, FlowTransport};
 pub use self::quic::{QuicServer, SocketBuffers};
 pub use self::tcp::TcpServer;
 

@@ -9,7 +9,8 @@ use bulkhead::certs::{self, CertAndKey, DevPki};
 use bulkhead::front::{ApiRequest, ApiResponse, Handler, Protocol, ResponseBody};
 use bulkhead::tls::{QUIC_ALPN, ServerTls, TCP_ALPN};
 use bulkhead::transport::{
-    QuicServer, Shutdown, TcpServer, TenantConnections, TransportLimits, quic::QuicCounters,
+    FlowRegistry, FlowTransport, QuicServer, Shutdown, TcpServer, TenantConnections,
+    TransportLimits, quic::QuicCounters,
 };
 use bulkhead_core::TenantId;
 use bulkhead_core::config::TlsPaths;
@@ -151,6 +152,10 @@ fn tenant(name: &str) -> TenantId {
 }
 
 async fn start(limits: TransportLimits) -> Fixture {
+    start_with(limits, None).await
+}
+
+async fn start_with(limits: TransportLimits, flows: Option<Arc<dyn FlowRegistry>>) -> Fixture {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "bulkhead-transport-{}-{}",
@@ -178,6 +183,10 @@ async fn start(limits: TransportLimits) -> Fixture {
         .unwrap()
         .with_alt_svc(quic_addr.port())
         .with_connections(connections);
+    let (quic, tcp) = match flows {
+        Some(f) => (quic.with_flows(Arc::clone(&f)), tcp.with_flows(f)),
+        None => (quic, tcp),
+    };
     let tcp_addr = tcp.local_addr().unwrap();
     let handler = Arc::new(TestHandler::default());
     let shutdown = Shutdown::new();
@@ -1009,4 +1018,110 @@ async fn aioquic_streams_a_response_over_http3() {
     assert_eq!(status, 0, "{lines:?}");
     assert_eq!(lines.last().unwrap()["cancelled"], 2, "{lines:?}");
     within("aioquic cancelled: sender sees it", closed).await;
+}
+
+// ---------------------------------------------------------------- kernel flow registration
+
+/// What the transports told the flow registry, in order.
+#[derive(Debug, Default)]
+struct RecordedFlows(std::sync::Mutex<Vec<String>>);
+
+impl RecordedFlows {
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl FlowRegistry for RecordedFlows {
+    fn register(&self, tenant: &TenantId, remote: SocketAddr, transport: FlowTransport) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("register {tenant} {remote} {transport:?}"));
+    }
+    fn migrate(&self, tenant: &TenantId, old: SocketAddr, new: SocketAddr) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("migrate {tenant} {old} {new}"));
+    }
+    fn unregister(&self, remote: SocketAddr, transport: FlowTransport) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("unregister {remote} {transport:?}"));
+    }
+}
+
+async fn until_recorded(flows: &RecordedFlows, n: usize) -> Vec<String> {
+    let mut seen = Vec::new();
+    within("flow events", async {
+        while seen.len() < n {
+            seen.extend(flows.take());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_register_follow_and_unregister_their_flows() {
+    let flows = Arc::new(RecordedFlows::default());
+    let fx = start_with(limits(), Some(flows.clone() as Arc<dyn FlowRegistry>)).await;
+
+    // TCP: registered after the handshake under the certificate's tenant, removed on close.
+    let tls = tls_connect(&fx, Identity::Tenant("acme"), &[b"h2"])
+        .await
+        .unwrap();
+    let local = tls.get_ref().0.local_addr().unwrap();
+    assert_eq!(
+        until_recorded(&flows, 1).await,
+        [format!("register acme {local} Tcp")]
+    );
+    drop(tls);
+    assert_eq!(
+        until_recorded(&flows, 1).await,
+        [format!("unregister {local} Tcp")]
+    );
+
+    // A refused handshake registers nothing.
+    let _ = tls_connect(&fx, Identity::Untrusted, &[b"h2"]).await;
+
+    // QUIC: registered, followed when the client's address changes, removed on close.
+    let (endpoint, conn) = quic_connect(&fx, Identity::Tenant("globex")).await.unwrap();
+    let conn = conn.unwrap();
+    let first = endpoint.local_addr().unwrap();
+    assert_eq!(
+        until_recorded(&flows, 1).await,
+        [format!("register globex {first} Udp")]
+    );
+    endpoint
+        .rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    let second = endpoint.local_addr().unwrap();
+    assert_ne!(first, second);
+    // Traffic on the new path: the server sees the new address.
+    let (mut driver, mut send) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
+        .await
+        .unwrap();
+    let drive = tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    let request = http::Request::get("https://localhost/echo")
+        .body(())
+        .unwrap();
+    let mut stream = send.send_request(request).await.unwrap();
+    stream.finish().await.unwrap();
+    let _ = stream.recv_response().await.unwrap();
+    assert_eq!(
+        until_recorded(&flows, 1).await,
+        [format!("migrate globex {first} {second}")]
+    );
+    conn.close(0u32.into(), b"done");
+    drop(send);
+    drive.abort();
+    assert_eq!(
+        until_recorded(&flows, 1).await,
+        [format!("unregister {second} Udp")]
+    );
+    assert!(flows.take().is_empty());
 }

@@ -11,8 +11,9 @@
 //! `Connection::remote_address()` when the request arrives.
 
 use super::{
-    ConnectionPermit, ShutdownSignal, TenantConnections, TransportLimits, content_length,
-    declared_too_large, strip_framing_headers, too_large, too_many_connections,
+    ConnectionPermit, FlowGuard, FlowRegistry, FlowTransport, ShutdownSignal, TenantConnections,
+    TransportLimits, content_length, declared_too_large, strip_framing_headers, too_large,
+    too_many_connections,
 };
 use crate::front::{
     ApiRequest, ApiResponse, Handler, MAX_BODY_BYTES, Peer, Protocol, ResponseBody,
@@ -77,6 +78,7 @@ pub struct QuicServer {
     connections: Arc<TenantConnections>,
     buffers: SocketBuffers,
     counters: Arc<QuicCounters>,
+    flows: Option<Arc<dyn FlowRegistry>>,
 }
 
 impl QuicServer {
@@ -118,6 +120,7 @@ impl QuicServer {
             connections: TenantConnections::new(limits.max_connections_per_tenant),
             buffers,
             counters: Arc::default(),
+            flows: None,
         })
     }
 
@@ -143,6 +146,13 @@ impl QuicServer {
         self
     }
 
+    /// Registers each attributed connection's address in `flows` (the kernel's flow map).
+    #[must_use]
+    pub fn with_flows(mut self, flows: Arc<dyn FlowRegistry>) -> Self {
+        self.flows = Some(flows);
+        self
+    }
+
     /// Serves until `shutdown`: then refuses new connections, sends GOAWAY
     /// on each open one, lets requests in flight finish for up to
     /// [`TransportLimits::shutdown_grace`], and closes the endpoint.
@@ -155,6 +165,7 @@ impl QuicServer {
             limits,
             connections: self.connections,
             counters: self.counters,
+            flows: self.flows,
         });
         let handshakes = Arc::new(AtomicUsize::new(0));
         let mut tasks = JoinSet::new();
@@ -229,7 +240,11 @@ struct Shared<H> {
     limits: TransportLimits,
     connections: Arc<TenantConnections>,
     counters: Arc<QuicCounters>,
+    flows: Option<Arc<dyn FlowRegistry>>,
 }
+
+/// How often a connection's remote address is checked for a migration.
+const MIGRATION_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// What each request of one connection reads.
 struct ConnState {
@@ -285,6 +300,14 @@ async fn connection<H: Handler>(
             return;
         }
     };
+    let mut flow = FlowGuard::open(
+        shared.flows.as_ref(),
+        tenant.as_ref().ok(),
+        conn.remote_address(),
+        FlowTransport::Udp,
+    );
+    let mut migration = tokio::time::interval(MIGRATION_POLL);
+    migration.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let state = Arc::new(ConnState {
         conn,
         tenant,
@@ -294,6 +317,11 @@ async fn connection<H: Handler>(
     loop {
         tokio::select! {
             () = shutdown.triggered() => break,
+            _ = migration.tick() => {
+                if let Some(flow) = flow.as_mut() {
+                    flow.follow(state.conn.remote_address());
+                }
+            }
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
                     requests.spawn(request(Arc::clone(&shared), Arc::clone(&state), resolver));

@@ -3,8 +3,9 @@
 //! no HTTP/3; every response advertises the QUIC listener with `alt-svc`.
 
 use super::{
-    ConnectionPermit, ShutdownSignal, TenantConnections, TransportLimits, content_length,
-    declared_too_large, strip_framing_headers, too_large, too_many_connections,
+    ConnectionPermit, FlowGuard, FlowRegistry, FlowTransport, ShutdownSignal, TenantConnections,
+    TransportLimits, content_length, declared_too_large, strip_framing_headers, too_large,
+    too_many_connections,
 };
 use crate::front::{
     ApiRequest, ApiResponse, Handler, MAX_BODY_BYTES, Peer, Protocol, ResponseBody,
@@ -37,6 +38,7 @@ pub struct TcpServer {
     limits: TransportLimits,
     connections: Arc<TenantConnections>,
     alt_svc: Option<HeaderValue>,
+    flows: Option<Arc<dyn FlowRegistry>>,
 }
 
 impl TcpServer {
@@ -57,6 +59,7 @@ impl TcpServer {
             limits,
             connections: TenantConnections::new(limits.max_connections_per_tenant),
             alt_svc: None,
+            flows: None,
         })
     }
 
@@ -79,6 +82,13 @@ impl TcpServer {
         self
     }
 
+    /// Registers each attributed connection's address in `flows` (the kernel's flow map).
+    #[must_use]
+    pub fn with_flows(mut self, flows: Arc<dyn FlowRegistry>) -> Self {
+        self.flows = Some(flows);
+        self
+    }
+
     /// Serves until `shutdown`: then stops accepting, lets requests in flight
     /// finish for up to [`TransportLimits::shutdown_grace`], and cuts the rest.
     pub async fn serve<H: Handler>(self, handler: Arc<H>, mut shutdown: ShutdownSignal) {
@@ -91,6 +101,7 @@ impl TcpServer {
             limits: self.limits,
             connections: self.connections,
             alt_svc: self.alt_svc,
+            flows: self.flows,
         });
         let mut tasks = JoinSet::new();
         loop {
@@ -131,6 +142,7 @@ struct Shared<H> {
     limits: TransportLimits,
     connections: Arc<TenantConnections>,
     alt_svc: Option<HeaderValue>,
+    flows: Option<Arc<dyn FlowRegistry>>,
 }
 
 /// One connection: handshake, attribute, serve until closed or shut down.
@@ -161,6 +173,13 @@ async fn connection<H: Handler>(
     if permit.is_none() {
         debug!(%remote, tenant = ?tenant.as_ref().ok(), "connection over its tenant's limit");
     }
+    // Registered for the connection's life (unregistered on every way out).
+    let _flow = FlowGuard::open(
+        shared.flows.as_ref(),
+        tenant.as_ref().ok(),
+        remote,
+        FlowTransport::Tcp,
+    );
     let conn_state = Arc::new(ConnState {
         peer: Peer {
             tenant,
