@@ -136,6 +136,16 @@ fn start_kernel_plane(config: &Config) -> anyhow::Result<Option<Arc<Mutex<Kernel
         .map_err(Into::into);
     }
     let cgroup = own_cgroup().context("finding this process's cgroup")?;
+    if is_root_cgroup(&cgroup) {
+        // Programs on the root cgroup would police every process of the host.
+        let why = "bulkhead serve runs in the root cgroup; run it in a cgroup of its own \
+                   (a systemd unit or a pod) for kernel enforcement";
+        if config.ebpf.mode == EbpfMode::Required {
+            anyhow::bail!("[ebpf] mode = \"required\": {why}");
+        }
+        tracing::warn!("kernel enforcement is OFF: {why} (ebpf.mode = \"auto\")");
+        return Ok(None);
+    }
     let plane = KernelPlane::start(
         config.ebpf.mode,
         config,
@@ -161,6 +171,13 @@ fn own_cgroup() -> anyhow::Result<PathBuf> {
     Ok(root.join(path.trim_start_matches('/')))
 }
 
+/// Whether `cgroup` is the root of the cgroup v2 hierarchy (the mount point itself).
+fn is_root_cgroup(cgroup: &Path) -> bool {
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .any(|root| cgroup == Path::new(root))
+}
+
 fn prepare_runtime_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -178,4 +195,18 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_root_cgroup_is_recognised_with_or_without_a_trailing_slash() {
+        assert!(is_root_cgroup(&Path::new("/sys/fs/cgroup").join("")));
+        assert!(is_root_cgroup(Path::new("/sys/fs/cgroup/unified/")));
+        assert!(!is_root_cgroup(Path::new(
+            "/sys/fs/cgroup/system.slice/bulkhead.service"
+        )));
+    }
 }

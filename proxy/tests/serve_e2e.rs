@@ -81,6 +81,9 @@ key = "{pki}/server.key"
 client_ca = ["{pki}/tenant-ca.pem"]
 [kv]
 pool_blocks = 1024
+# Loopback tests must not attach programs to the test runner's own cgroup.
+[ebpf]
+mode = "off"
 [[models]]
 name = "tiny"
 backend = "cpu"
