@@ -52,6 +52,22 @@ pub struct TenantSlot {
     pub dedicated: bool,
 }
 
+/// How a worker group's queue orders requests.
+///
+/// [`QueuePolicy::Fair`] is bulkhead's scheduler (VTC with bounded
+/// over-commit, see the module docs). [`QueuePolicy::Fifo`] exists as the
+/// baseline `bulkhead bench fairness` compares it with: requests go out in
+/// arrival order across tenants, only into free slots, never over-committing
+/// a full worker.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QueuePolicy {
+    /// Virtual token counters: whose turn it is by service received.
+    #[default]
+    Fair,
+    /// Plain first-in first-out into free slots.
+    Fifo,
+}
+
 /// The dispatcher: cheap to clone, shared by every request.
 #[derive(Clone, Debug)]
 pub struct Dispatcher {
@@ -60,12 +76,30 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher over `workers`, with supervisor tasks started on the
-    /// current tokio runtime.
+    /// current tokio runtime; queues are fair ([`QueuePolicy::Fair`]).
     pub fn start(
         weights: ServiceWeights,
         tenants: &[TenantSlot],
         workers: Vec<WorkerSpec>,
         restart_backoff: Duration,
+    ) -> Self {
+        Self::start_with_policy(
+            weights,
+            tenants,
+            workers,
+            restart_backoff,
+            QueuePolicy::Fair,
+        )
+    }
+
+    /// [`Dispatcher::start`] with a chosen queue policy (benchmarks compare
+    /// [`QueuePolicy::Fifo`] against the fair queue).
+    pub fn start_with_policy(
+        weights: ServiceWeights,
+        tenants: &[TenantSlot],
+        workers: Vec<WorkerSpec>,
+        restart_backoff: Duration,
+        policy: QueuePolicy,
     ) -> Self {
         let mut groups: HashMap<Option<TenantId>, Group> = HashMap::new();
         groups.insert(None, Group::new(weights));
@@ -77,7 +111,7 @@ impl Dispatcher {
                 .queue
                 .set_tenant(&t.id, t.weight, t.max_queued);
         }
-        let shared = Arc::new(Shared::new(State::new(groups, tenants, &workers)));
+        let shared = Arc::new(Shared::new(State::new(groups, tenants, &workers, policy)));
         for (index, spec) in workers.into_iter().enumerate() {
             tokio::spawn(supervisor::run(
                 shared.clone(),

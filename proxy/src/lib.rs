@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod bench;
 pub mod certs;
 pub mod dispatch;
 pub mod ebpf;

@@ -49,6 +49,32 @@ enum Command {
     /// Write a development PKI: server and tenant CAs, a server certificate
     /// for localhost, one client certificate per tenant.
     Certs(CertsArgs),
+    /// Measure the performance and fairness goals, against baselines
+    /// measured in the same run, and print a table.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `bulkhead bench` subcommands.
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// A light tenant's time to first token beside a saturating tenant:
+    /// alone, under the fair queue, and under FIFO.
+    Fairness {
+        /// Seconds of arrivals in each of the three runs.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Seed of the arrivals.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// The proxy as the bottleneck: requests/s over one HTTP/3 connection,
+    /// added latency against a direct worker call, mTLS handshakes/s.
+    Proxy {
+        /// Seconds of measurement in all.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 /// `bulkhead certs` options.
@@ -104,6 +130,9 @@ struct WorkerArgs {
     /// Another name requests may use for the built-in model (the config's model name).
     #[arg(long = "model-name")]
     model_names: Vec<String>,
+    /// Exit when this process (the `serve` that started us) exits, however it ends.
+    #[arg(long)]
+    parent_pid: Option<i32>,
 }
 
 /// Where an instance's pins live.
@@ -165,6 +194,7 @@ fn main() -> ExitCode {
         }),
         Command::Worker(args) => run_worker(args),
         Command::Certs(args) => run_certs(&args),
+        Command::Bench(command) => run_bench(&command),
     };
     match output {
         Ok(text) => {
@@ -240,6 +270,24 @@ fn run_serve(opts: ServeOptions) -> anyhow::Result<String> {
     Ok(String::new())
 }
 
+/// Runs a bench and returns its table.
+fn run_bench(command: &BenchCommand) -> anyhow::Result<String> {
+    use bulkhead::bench;
+    match *command {
+        BenchCommand::Fairness { seconds, seed } => {
+            bench::fairness::run(&bench::fairness::FairnessOptions {
+                seconds,
+                seed,
+                program: None,
+            })
+        }
+        BenchCommand::Proxy { seconds } => bench::proxy::run(&bench::proxy::ProxyOptions {
+            seconds,
+            program: None,
+        }),
+    }
+}
+
 /// Runs a worker until a proxy shuts it down.
 fn run_worker(args: WorkerArgs) -> anyhow::Result<String> {
     let tenants = args
@@ -254,6 +302,9 @@ fn run_worker(args: WorkerArgs) -> anyhow::Result<String> {
                 .collect::<anyhow::Result<Vec<_>>>()
         })
         .transpose()?;
+    if let Some(parent) = args.parent_pid {
+        exit_with_parent(parent)?;
+    }
     if args.blocks == 0 || args.slots == 0 {
         anyhow::bail!("--blocks and --slots must be at least 1");
     }
@@ -271,6 +322,20 @@ fn run_worker(args: WorkerArgs) -> anyhow::Result<String> {
         model_aliases: args.model_names,
     })?;
     Ok(String::new())
+}
+
+/// Asks the kernel to kill this worker when its parent dies (a `serve` killed
+/// with SIGKILL runs no cleanup), then checks the parent is still `parent`:
+/// if it died before the request, go now.
+fn exit_with_parent(parent: i32) -> anyhow::Result<()> {
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .context("setting the parent-death signal")?;
+    if rustix::process::getppid().map(rustix::process::Pid::as_raw_nonzero)
+        != Some(parent).and_then(std::num::NonZeroI32::new)
+    {
+        anyhow::bail!("the process that started this worker (pid {parent}) is gone");
+    }
+    Ok(())
 }
 
 /// Runs an `ebpf` subcommand and returns what to print.

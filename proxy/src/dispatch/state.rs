@@ -1,6 +1,6 @@
 //! The dispatcher's state, behind one mutex: queues, workers, live requests.
 
-use super::{TenantSlot, WorkerSpec};
+use super::{QueuePolicy, TenantSlot, WorkerSpec};
 use bulkhead_core::{
     TenantId,
     fair_queue::{FairQueue, QueueHandle, ServiceWeights},
@@ -10,7 +10,7 @@ use bulkhead_core::{
     },
 };
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
 };
 use tokio::sync::mpsc;
@@ -111,12 +111,17 @@ impl Drop for Ticket {
 #[derive(Debug)]
 pub(super) struct Group {
     pub queue: FairQueue<RequestId>,
+    /// Under [`QueuePolicy::Fifo`]: queued requests in arrival order (the
+    /// fair queue still holds them, for caps and cancellation). Ids that
+    /// left the queue (cancelled) are skipped when they reach the front.
+    arrivals: VecDeque<RequestId>,
 }
 
 impl Group {
     pub fn new(weights: ServiceWeights) -> Self {
         Self {
             queue: FairQueue::new(weights),
+            arrivals: VecDeque::new(),
         }
     }
 }
@@ -150,6 +155,7 @@ pub(super) struct State {
     workers: Vec<WorkerState>,
     requests: HashMap<RequestId, Live>,
     next_id: u128,
+    policy: QueuePolicy,
 }
 
 /// The state and its lock.
@@ -189,8 +195,10 @@ impl State {
         groups: HashMap<Option<TenantId>, Group>,
         tenants: &[TenantSlot],
         workers: &[WorkerSpec],
+        policy: QueuePolicy,
     ) -> Self {
         Self {
+            policy,
             groups,
             tenant_group: tenants
                 .iter()
@@ -238,12 +246,12 @@ impl State {
         self.next_id += 1;
         let id = RequestId(self.next_id);
         let prompt_len = u32::try_from(job.prompt_tokens.len()).unwrap_or(u32::MAX);
-        let queue = &mut self
+        let g = self
             .groups
             .get_mut(&group)
-            .expect("every tenant's group exists")
-            .queue;
-        let handle = queue
+            .expect("every tenant's group exists");
+        let handle = g
+            .queue
             .enqueue(&job.tenant, prompt_len, id)
             .map_err(|e| match e {
                 bulkhead_core::fair_queue::EnqueueError::BacklogFull { cap, .. } => {
@@ -253,6 +261,9 @@ impl State {
                     DispatchError::UnknownTenant(job.tenant.clone())
                 }
             })?;
+        if self.policy == QueuePolicy::Fifo {
+            g.arrivals.push_back(id);
+        }
         self.requests.insert(
             id,
             Live {
@@ -316,13 +327,22 @@ impl State {
         tenants.push(tenant);
         tenants.sort_unstable();
         tenants.dedup();
-        // Bounded over-commit: at most one slot's worth per active tenant.
-        2 * mine * tenants.len() < slots && running < slots + tenants.len()
+        // Over-commit is bounded by the rule itself: a tenant gets extra
+        // requests onto a full worker only while it holds under half its
+        // share, so at most half the slots' worth across all such tenants.
+        2 * mine * tenants.len() < slots
     }
 
-    /// Hands queued requests to workers that can take them, in fair order.
+    /// Hands queued requests to workers that can take them, in fair order
+    /// (or in arrival order under [`QueuePolicy::Fifo`]).
     pub fn pump(&mut self) {
         let keys: Vec<Option<TenantId>> = self.groups.keys().cloned().collect();
+        if self.policy == QueuePolicy::Fifo {
+            for key in keys {
+                self.pump_fifo(key.as_ref());
+            }
+            return;
+        }
         for key in keys {
             while let Some(tenant) = self.groups[&key].queue.peek_tenant().cloned() {
                 let candidates: Vec<usize> = (0..self.workers.len())
@@ -363,21 +383,71 @@ impl State {
                     live.handle = Some(handle);
                     break;
                 };
-                let live = self.requests.get_mut(&id).expect("live");
-                let submit = live.submit.take().expect("undispatched");
-                live.worker = Some(w);
-                let worker = &mut self.workers[w];
-                worker.running.insert(id, next.tenant.clone());
-                let sent = worker
-                    .tx
-                    .as_ref()
-                    .is_some_and(|tx| tx.send(ProxyToWorker::Submit(submit)).is_ok());
-                if sent {
-                    self.forward(id, Event::Dispatched);
-                } else {
-                    self.fail(id, "the worker went away before the request reached it");
-                }
+                self.send_to(id, w, next.tenant);
             }
+        }
+    }
+
+    /// [`QueuePolicy::Fifo`]: the oldest queued request of group `key` goes
+    /// to the least busy worker with a free slot; none free, it waits.
+    fn pump_fifo(&mut self, key: Option<&TenantId>) {
+        let key = &key.cloned();
+        loop {
+            let Some(&id) = self.groups[key].arrivals.front() else {
+                return;
+            };
+            let Some(live) = self.requests.get(&id).filter(|l| l.handle.is_some()) else {
+                // Cancelled while queued.
+                self.groups
+                    .get_mut(key)
+                    .expect("group exists")
+                    .arrivals
+                    .pop_front();
+                continue;
+            };
+            let model = live
+                .submit
+                .as_ref()
+                .map(|s| s.model.clone())
+                .expect("undispatched");
+            let chosen = (0..self.workers.len())
+                .filter(|&w| {
+                    let worker = &self.workers[w];
+                    worker.group == *key
+                        && worker.tx.is_some()
+                        && worker.info.as_ref().is_some_and(|i| {
+                            i.models.contains(&model) && worker.running.len() < i.max_slots as usize
+                        })
+                })
+                .min_by_key(|&w| self.workers[w].running.len());
+            let Some(w) = chosen else {
+                return;
+            };
+            let g = self.groups.get_mut(key).expect("group exists");
+            g.arrivals.pop_front();
+            let live = self.requests.get_mut(&id).expect("live");
+            let handle = live.handle.take().expect("queued");
+            g.queue.cancel(handle);
+            let tenant = live.tenant.clone();
+            self.send_to(id, w, tenant);
+        }
+    }
+
+    /// Sends undispatched request `id` of `tenant` to worker `w`.
+    fn send_to(&mut self, id: RequestId, w: usize, tenant: TenantId) {
+        let live = self.requests.get_mut(&id).expect("live");
+        let submit = live.submit.take().expect("undispatched");
+        live.worker = Some(w);
+        let worker = &mut self.workers[w];
+        worker.running.insert(id, tenant);
+        let sent = worker
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.send(ProxyToWorker::Submit(submit)).is_ok());
+        if sent {
+            self.forward(id, Event::Dispatched);
+        } else {
+            self.fail(id, "the worker went away before the request reached it");
         }
     }
 

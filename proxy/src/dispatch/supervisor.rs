@@ -147,6 +147,9 @@ fn spawn(spec: &WorkerSpec, args: &[String]) -> Result<Child, String> {
         .arg(&spec.socket)
         .arg("--worker-id")
         .arg(spec.id.to_string())
+        // A worker must not outlive us, even if we are killed without cleanup.
+        .arg("--parent-pid")
+        .arg(std::process::id().to_string())
         .args(args)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)

@@ -1,0 +1,402 @@
+//! `bulkhead bench proxy`: the proxy as the bottleneck.
+//!
+//! A `sim` worker with `--sim-fast` (steps cost nothing) behind the whole
+//! front door, measuring, in one run:
+//! - requests per second over ONE HTTP/3 connection with 64 concurrent
+//!   streams (non-streaming chat completions, `max_tokens` 1);
+//! - the latency the proxy adds: the same request through the proxy, one
+//!   at a time, minus a direct [`WorkerLink`] Submit → Finished round trip
+//!   to a second, identical worker process;
+//! - full mutual-TLS handshakes per second (no resumption, a new
+//!   connection each) on the TLS/TCP and the QUIC listener, 2 connectors each.
+//!
+//! Client and proxy share this process and its two runtime threads.
+
+use super::{
+    Front, FrontOptions, H3Client, TempDir, drain, float, post, runtime, sim_worker_args, us,
+    verdict,
+};
+use crate::{dispatch::QueuePolicy, tls::TCP_ALPN, worker::WorkerLink};
+use anyhow::Context as _;
+use bulkhead_core::wire::{ProxyToWorker, RequestId, Sampling, Submit, WorkerToProxy};
+use bulkhead_kernels::model::{ByteTokenizer, ModelConfig};
+use bytes::Bytes;
+use std::{
+    fmt::Write as _,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+use tokio::time::Instant;
+
+/// Concurrent streams on the one connection.
+const STREAMS: usize = 64;
+/// Concurrent connectors of the handshake measurements.
+const CONNECTORS: usize = 2;
+const SLOTS: u32 = 256;
+const BLOCKS: u32 = 16_384;
+/// Goal: requests per second over one connection.
+const GOAL_RPS: f64 = 40_000.0;
+/// Goal: p50 added latency.
+const GOAL_ADDED: Duration = Duration::from_micros(150);
+const TENANT: &str = "alpha";
+const CONTENT: &str = "hi";
+
+/// How to run the bench.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    /// Seconds of measurement, shared among the four parts.
+    pub seconds: u64,
+    /// The `bulkhead` binary for workers; `None` for this process's own.
+    pub program: Option<PathBuf>,
+}
+
+/// Runs the bench and returns its report.
+pub fn run(opts: &ProxyOptions) -> anyhow::Result<String> {
+    let rt = runtime()?;
+    let result = rt.block_on(measure(opts));
+    rt.shutdown_timeout(Duration::from_secs(3));
+    result
+}
+
+fn body() -> Bytes {
+    serde_json::json!({
+        "model": super::MODEL,
+        "messages": [{"role": "user", "content": CONTENT}],
+        "max_tokens": 1,
+        "temperature": 0,
+    })
+    .to_string()
+    .into()
+}
+
+struct Latency {
+    proxy: Vec<Duration>,
+    direct: Vec<Duration>,
+}
+
+async fn measure(opts: &ProxyOptions) -> anyhow::Result<String> {
+    let total = Duration::from_secs(opts.seconds.max(1));
+    let throughput_time = total.mul_f64(0.4);
+    let latency_time = total.mul_f64(0.3);
+    let handshake_time = total.mul_f64(0.15);
+
+    let front = Front::start(FrontOptions {
+        tenants: &[TENANT],
+        worker_args: sim_worker_args(true, SLOTS, BLOCKS),
+        blocks: BLOCKS,
+        max_queued: 100_000,
+        policy: QueuePolicy::Fair,
+        program: opts.program.clone(),
+    })
+    .await?;
+    // The direct baseline: a second worker, the same arguments.
+    let dir = TempDir::new("direct")?;
+    let socket = dir.path().join("direct.sock");
+    let program = match &opts.program {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("finding our own binary")?,
+    };
+    let _direct_worker = tokio::process::Command::new(program)
+        .arg("worker")
+        .arg("--listen")
+        .arg(&socket)
+        .arg("--worker-id")
+        .arg("1")
+        .args(sim_worker_args(true, SLOTS, BLOCKS))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the direct worker")?;
+    let link = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match WorkerLink::connect(&socket, 1, Duration::from_secs(5)) {
+                Ok(link) => return Ok(link),
+                Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    })
+    .await??;
+
+    let client = H3Client::connect(&front, TENANT).await?;
+    let rps = throughput(&client, throughput_time).await?;
+    let latency = added_latency(&client, link, latency_time).await?;
+    let tcp = tcp_handshakes(&front, handshake_time).await?;
+    let quic = quic_handshakes(&front, handshake_time).await?;
+    client.conn.close(0u32.into(), b"done");
+    front.stop().await;
+    drop(dir);
+    Ok(report(opts, rps, &latency, tcp, quic))
+}
+
+/// Requests per second over one connection with [`STREAMS`] streams.
+async fn throughput(client: &H3Client, time: Duration) -> anyhow::Result<(f64, usize)> {
+    let warm = (time / 4).min(Duration::from_secs(1));
+    let start = Instant::now();
+    let (counted_from, end) = (start + warm, start + time);
+    let done = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..STREAMS {
+        let mut send = client.send.clone();
+        let request = client.request("/v1/chat/completions");
+        let (done, failed) = (Arc::clone(&done), Arc::clone(&failed));
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < end {
+                let mut r = http::Request::new(());
+                r.method_mut().clone_from(request.method());
+                r.uri_mut().clone_from(request.uri());
+                r.headers_mut().clone_from(request.headers());
+                let ok = async {
+                    let (status, mut stream) = post(&mut send, r, body()).await?;
+                    drain(&mut stream).await?;
+                    anyhow::Ok(status == http::StatusCode::OK)
+                }
+                .await;
+                if matches!(ok, Ok(true)) {
+                    if Instant::now() >= counted_from && Instant::now() < end {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let rate = float(done.load(Ordering::Relaxed)) / time.saturating_sub(warm).as_secs_f64();
+    Ok((rate, failed.load(Ordering::Relaxed)))
+}
+
+/// The same request through the proxy and directly to a worker, one at a
+/// time, interleaved in rounds so drift hits both alike.
+async fn added_latency(
+    client: &H3Client,
+    mut link: WorkerLink,
+    time: Duration,
+) -> anyhow::Result<Latency> {
+    const ROUND: usize = 50;
+    let tokenizer = ByteTokenizer::new(&ModelConfig::tiny());
+    // The chat template of the built-in model, as the API renders it.
+    let prompt = tokenizer.encode(&format!("<|user|>\n{CONTENT}\n<|assistant|>\n"));
+    let tenant = super::tenant(TENANT);
+    let mut out = Latency {
+        proxy: Vec::new(),
+        direct: Vec::new(),
+    };
+    let mut send = client.send.clone();
+    let request = client.request("/v1/chat/completions");
+    let end = Instant::now() + time;
+    let mut next_id: u128 = 1;
+    // One warm-up round each, not counted.
+    let mut counted = false;
+    while Instant::now() < end || !counted {
+        for _ in 0..ROUND {
+            let mut r = http::Request::new(());
+            r.method_mut().clone_from(request.method());
+            r.uri_mut().clone_from(request.uri());
+            r.headers_mut().clone_from(request.headers());
+            let t0 = Instant::now();
+            let (status, mut stream) = post(&mut send, r, body()).await?;
+            drain(&mut stream).await?;
+            let took = t0.elapsed();
+            anyhow::ensure!(status == http::StatusCode::OK, "status {status}");
+            if counted {
+                out.proxy.push(took);
+            }
+        }
+        let submits: Vec<Submit> = (0..ROUND)
+            .map(|_| {
+                next_id += 1;
+                Submit {
+                    request_id: RequestId(next_id),
+                    tenant: tenant.clone(),
+                    model: super::MODEL.to_owned(),
+                    prompt_tokens: prompt.clone(),
+                    max_tokens: 1,
+                    sampling: Sampling {
+                        temperature: 0.0,
+                        top_p: 1.0,
+                        seed: None,
+                        stop: Vec::new(),
+                    },
+                    kv_block_quota: BLOCKS,
+                }
+            })
+            .collect();
+        let (back, times) = tokio::task::spawn_blocking(move || {
+            let mut times = Vec::with_capacity(submits.len());
+            for submit in submits {
+                let id = submit.request_id;
+                let t0 = std::time::Instant::now();
+                link.send(&ProxyToWorker::Submit(submit))?;
+                loop {
+                    match link.recv_timeout(Duration::from_secs(10))? {
+                        WorkerToProxy::Finished(f) if f.request_id == id => break,
+                        _ => {}
+                    }
+                }
+                times.push(t0.elapsed());
+            }
+            anyhow::Ok((link, times))
+        })
+        .await??;
+        link = back;
+        if counted {
+            out.direct.extend(times);
+        }
+        counted = true;
+    }
+    out.proxy.sort_unstable();
+    out.direct.sort_unstable();
+    Ok(out)
+}
+
+/// Full mTLS handshakes per second on the TLS/TCP listener.
+async fn tcp_handshakes(front: &Front, time: Duration) -> anyhow::Result<f64> {
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(front.client_tls(TENANT, &TCP_ALPN)?));
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let addr = front.tcp;
+    let start = Instant::now();
+    let end = start + time;
+    let mut tasks = Vec::new();
+    for _ in 0..CONNECTORS {
+        let (connector, name) = (connector.clone(), name.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            while Instant::now() < end {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                let tls = connector.connect(name.clone(), tcp).await?;
+                drop(tls);
+                n += 1;
+            }
+            anyhow::Ok(n)
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await??;
+    }
+    Ok(float(total) / start.elapsed().as_secs_f64())
+}
+
+/// Full mTLS handshakes per second on the QUIC listener.
+async fn quic_handshakes(front: &Front, time: Duration) -> anyhow::Result<f64> {
+    let addr = front.quic;
+    let start = Instant::now();
+    let end = start + time;
+    let mut tasks = Vec::new();
+    for _ in 0..CONNECTORS {
+        let endpoint = front.quic_endpoint(TENANT)?;
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            while Instant::now() < end {
+                let conn = endpoint.connect(addr, "localhost")?.await?;
+                conn.close(0u32.into(), b"done");
+                n += 1;
+            }
+            endpoint.close(0u32.into(), b"done");
+            anyhow::Ok(n)
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await??;
+    }
+    Ok(float(total) / start.elapsed().as_secs_f64())
+}
+
+fn report(
+    opts: &ProxyOptions,
+    (rps, failed): (f64, usize),
+    latency: &Latency,
+    tcp: f64,
+    quic: f64,
+) -> String {
+    let p = super::percentile;
+    let added = |q: f64| p(&latency.proxy, q).saturating_sub(p(&latency.direct, q));
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "bench proxy: {} s; one `sim --sim-fast` worker (zero step cost) behind the proxy, a second one for the direct baseline",
+        opts.seconds.max(1)
+    );
+    let _ = writeln!(
+        out,
+        "  clients (quinn + h3, tokio-rustls) share this process and its 2 runtime threads with the proxy; cores here: {}\n",
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
+    );
+    let _ = writeln!(
+        out,
+        "{:<58} {:>14} {:>14}  verdict",
+        "measure", "value", "goal"
+    );
+    let _ = writeln!(
+        out,
+        "{:<58} {:>14} {:>14}  {}",
+        format!("requests/s, 1 HTTP/3 connection, {STREAMS} streams, max_tokens 1"),
+        format!("{rps:.0}"),
+        format!(">= {GOAL_RPS:.0}"),
+        verdict(rps >= GOAL_RPS)
+    );
+    let _ = writeln!(
+        out,
+        "{:<58} {:>14} {:>14}  {}",
+        "added latency p50 (proxy p50 - direct p50)",
+        us(added(50.0)),
+        format!("<= {}", us(GOAL_ADDED)),
+        verdict(added(50.0) <= GOAL_ADDED)
+    );
+    let _ = writeln!(
+        out,
+        "{:<58} {:>14} {:>14}",
+        "added latency p99 (proxy p99 - direct p99)",
+        us(added(99.0)),
+        "-"
+    );
+    let _ = writeln!(
+        out,
+        "{:<58} {:>14} {:>14}",
+        format!(
+            "  through the proxy p50 / p99 ({} requests)",
+            latency.proxy.len()
+        ),
+        us(p(&latency.proxy, 50.0)),
+        us(p(&latency.proxy, 99.0))
+    );
+    let _ = writeln!(
+        out,
+        "{:<58} {:>14} {:>14}",
+        format!(
+            "  direct to a worker p50 / p99 ({} requests)",
+            latency.direct.len()
+        ),
+        us(p(&latency.direct, 50.0)),
+        us(p(&latency.direct, 99.0))
+    );
+    let _ = writeln!(
+        out,
+        "{:<58} {:>14} {:>14}",
+        format!("full mTLS handshakes/s, TLS/TCP, {CONNECTORS} connectors"),
+        format!("{tcp:.0}"),
+        "-"
+    );
+    let _ = writeln!(
+        out,
+        "{:<58} {:>14} {:>14}",
+        format!("full mTLS handshakes/s, QUIC, {CONNECTORS} connectors"),
+        format!("{quic:.0}"),
+        "-"
+    );
+    let _ = writeln!(out, "failed requests in the throughput part: {failed}");
+    out
+}

@@ -1,0 +1,49 @@
+//! `bulkhead bench fairness` and `bulkhead bench proxy` run end to end with
+//! tiny durations and print their tables. No timing is asserted: goals are
+//! measured by the bench commands, never by tests.
+
+use bulkhead::bench::{fairness, proxy};
+use std::path::PathBuf;
+
+fn program() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_bulkhead"))
+}
+
+#[test]
+fn fairness_bench_prints_its_table() {
+    let table = fairness::run(&fairness::FairnessOptions {
+        seconds: 1,
+        seed: 7,
+        program: Some(program()),
+    })
+    .unwrap();
+    for row in [
+        "A alone",
+        "A + B, fair queue",
+        "A + B, FIFO",
+        "p99 TTFT(A with B, fair)",
+    ] {
+        assert!(table.contains(row), "no `{row}` in:\n{table}");
+    }
+}
+
+#[test]
+fn proxy_bench_prints_its_table() {
+    let table = proxy::run(&proxy::ProxyOptions {
+        seconds: 1,
+        program: Some(program()),
+    })
+    .unwrap();
+    for row in [
+        "requests/s",
+        "added latency p50",
+        "handshakes/s, TLS/TCP",
+        "handshakes/s, QUIC",
+    ] {
+        assert!(table.contains(row), "no `{row}` in:\n{table}");
+    }
+    assert!(
+        table.contains("failed requests in the throughput part: 0"),
+        "{table}"
+    );
+}
