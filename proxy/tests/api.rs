@@ -3,8 +3,9 @@
 
 use bulkhead::{
     api::{App, metrics::Metrics},
-    dispatch::{Dispatcher, TenantSlot, WorkerSpec},
+    dispatch::{Dispatcher, WorkerSpec},
     front::{ApiRequest, ApiResponse, Handler, Peer, Protocol, ResponseBody},
+    serve::plan::tenant_slots,
 };
 use bulkhead_core::{
     TenantId,
@@ -86,16 +87,8 @@ async fn app(name: &str) -> (Arc<App>, PathBuf) {
             program: Some(PathBuf::from(env!("CARGO_BIN_EXE_bulkhead"))),
         })
         .collect();
-    let tenants: Vec<TenantSlot> = config
-        .tenants
-        .iter()
-        .map(|t| TenantSlot {
-            id: t.id.clone(),
-            weight: t.weight,
-            max_queued: t.max_queued_requests,
-            dedicated: false,
-        })
-        .collect();
+    // All shared here: the config's tenants are all of isolation `shared`.
+    let tenants = tenant_slots(&config);
     let dispatcher = Dispatcher::start(
         ServiceWeights::default(),
         &tenants,
@@ -344,16 +337,7 @@ async fn isolated_app(name: &str) -> (Arc<App>, PathBuf) {
         program: Some(PathBuf::from(env!("CARGO_BIN_EXE_bulkhead"))),
     };
     let workers = vec![worker(0, Some("acme")), worker(1, None)];
-    let tenants: Vec<TenantSlot> = config
-        .tenants
-        .iter()
-        .map(|t| TenantSlot {
-            id: t.id.clone(),
-            weight: t.weight,
-            max_queued: t.max_queued_requests,
-            dedicated: t.isolation != bulkhead_core::IsolationLevel::Shared,
-        })
-        .collect();
+    let tenants = tenant_slots(&config);
     let dispatcher = Dispatcher::start(
         ServiceWeights::default(),
         &tenants,
