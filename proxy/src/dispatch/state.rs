@@ -310,8 +310,7 @@ impl State {
     }
 
     /// Whether `w` may take a request of `tenant` now: a free slot, or the
-    /// tenant holds under half its share of the worker's slots (the worker
-    /// then preempts for it).
+    /// tenant holds under its equal share of the worker's slots.
     fn can_take(&self, w: usize, tenant: &TenantId) -> bool {
         let worker = &self.workers[w];
         let (Some(_), Some(info)) = (&worker.tx, &worker.info) else {
@@ -327,10 +326,11 @@ impl State {
         tenants.push(tenant);
         tenants.sort_unstable();
         tenants.dedup();
-        // Over-commit is bounded by the rule itself: a tenant gets extra
-        // requests onto a full worker only while it holds under half its
-        // share, so at most half the slots' worth across all such tenants.
-        2 * mine * tenants.len() < slots
+        // A full worker still takes a request of a tenant under its equal
+        // share: the worker gives that tenant the next free slot (and
+        // preempts at once below half the share). Over-commit is bounded by
+        // the shares themselves.
+        mine * tenants.len() < slots
     }
 
     /// Hands queued requests to workers that can take them, in fair order
