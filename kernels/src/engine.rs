@@ -505,18 +505,20 @@ impl<B: Backend> Engine<B> {
                 .keys()
                 .chain(self.waiting.iter().map(|id| &self.seqs[id].tenant))
                 .collect();
-            // Shares in integers: n < slots / tenants  ⇔  n tenants < slots. A
-            // tenant under its equal share preempts one over it; after the
-            // swap neither crosses its share, so two tenants cannot thrash.
+            // A swap of one slot happens only if the taker stays at or under
+            // its equal share (slots / tenants) and the giver stays at or over
+            // it: (n + 1) tenants <= slots and (n - 1) tenants >= slots. Then
+            // neither can qualify to take the slot back, so shares that do not
+            // divide evenly cannot make two tenants swap forever.
             let (slots, tenants) = (self.cfg.max_slots, active.len());
             let starved = self.waiting.iter().position(|id| {
                 let n = counts.get(&self.seqs[id].tenant).copied().unwrap_or(0);
-                n * tenants < slots
+                (n + 1) * tenants <= slots
             });
             let Some(pos) = starved else { break };
             let victim_tenant = counts
                 .iter()
-                .filter(|&(_, &n)| n * tenants > slots)
+                .filter(|&(_, &n)| n * tenants >= slots + tenants)
                 .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
                 .map(|(t, _)| t.clone());
             let Some(victim_tenant) = victim_tenant else {

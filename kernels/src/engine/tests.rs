@@ -555,3 +555,38 @@ fn capacity_is_reported_after_changes_only() {
     assert_eq!(caps[0].per_tenant[0].used_blocks, 3);
     assert_eq!(caps[0].per_tenant[0].quota, 1_000);
 }
+
+#[test]
+fn uneven_shares_do_not_make_tenants_swap_slots_forever() {
+    // 8 slots, 3 tenants: shares of 2.67. 3 + 3 + 2 running is as fair as
+    // integers allow; no preemption may fire back and forth.
+    let mut engine = sim_engine(
+        512,
+        EngineConfig {
+            max_slots: 8,
+            ..EngineConfig::default()
+        },
+    );
+    let mut id = 0;
+    for (who, n) in [("acme", 4), ("globex", 4), ("initech", 4)] {
+        for _ in 0..n {
+            id += 1;
+            engine.submit(submit(id, who, text_prompt(20), 40));
+        }
+    }
+    for _ in 0..20 {
+        engine.step().unwrap();
+    }
+    let counts = engine.running_per_tenant();
+    assert_eq!(counts.values().sum::<usize>(), 8);
+    assert!(counts.values().all(|&n| (2..=3).contains(&n)), "{counts:?}");
+    let after_settling = engine.stats().preemptions;
+    for _ in 0..20 {
+        engine.step().unwrap();
+    }
+    assert_eq!(
+        engine.stats().preemptions,
+        after_settling,
+        "preemptions kept firing"
+    );
+}
