@@ -15,10 +15,11 @@
 //!    own prefix cache (keyed by tenant and chain hash: never another tenant's).
 //!    When the slots are full, a tenant that stays at or under its equal
 //!    share after taking a slot preempts the youngest sequence of the tenant
-//!    most over its share, if that one stays at or over it. (The fairness simulation in `bulkhead-core` models the same rule
-//!    with half the share; measured end to end with `bulkhead bench
-//!    fairness`, half the share left a quiet tenant's p99 TTFT at 2.3× its
-//!    solo value, the full share at 1.14–1.17×.)
+//!    most over its share, if that one stays at or over it. (The fairness
+//!    simulation in `bulkhead-core` models the rule with half the share;
+//!    measured end to end with `bulkhead bench fairness`, half the share
+//!    left a quiet tenant's p99 TTFT at 2.3× its solo value, the full share
+//!    at 1.14–1.17×.)
 //! 3. Plan the batch within a token budget: every decoding sequence gets one
 //!    token, prefilling ones a chunk of at most `prefill_chunk` tokens; each
 //!    gets the KV blocks its new tokens need, preempting the tenant's own
