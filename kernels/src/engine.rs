@@ -43,7 +43,7 @@ use crate::{
     backend::{Backend, BackendError, SeqStep},
     layout::Violation as GuardBit,
     model::{Sampler, SamplingParams},
-    pool::{AllocError, BlockId, BlockPool, chain_hashes},
+    pool::{AllocError, BlockId, BlockPool, extend_chain_hashes},
 };
 use bulkhead_core::{
     TenantId,
@@ -525,7 +525,7 @@ impl<B: Backend> Engine<B> {
             let Some(victim_tenant) = victim_tenant else {
                 break;
             };
-            let Some(victim) = self.youngest_running(&victim_tenant, &[]) else {
+            let Some(victim) = self.youngest_running(&victim_tenant, |_| false) else {
                 break;
             };
             self.preempt(victim);
@@ -542,10 +542,14 @@ impl<B: Backend> Engine<B> {
         counts
     }
 
-    fn youngest_running(&self, tenant: &TenantId, except: &[RequestId]) -> Option<RequestId> {
+    fn youngest_running(
+        &self,
+        tenant: &TenantId,
+        except: impl Fn(&RequestId) -> bool,
+    ) -> Option<RequestId> {
         self.running
             .iter()
-            .filter(|id| !except.contains(id) && &self.seqs[id].tenant == tenant)
+            .filter(|id| !except(id) && &self.seqs[id].tenant == tenant)
             .max_by_key(|id| self.seqs[id].arrival)
             .copied()
     }
@@ -556,8 +560,9 @@ impl<B: Backend> Engine<B> {
         let seq = self.seqs.get_mut(&id).expect("waiting sequences exist");
         // The last token must run to give logits: only blocks before it can be reused.
         let reusable = &seq.tokens[..seq.tokens.len() - 1];
-        let hashes = chain_hashes(reusable, block_tokens);
-        let hits = self.pool.lookup_prefix(&seq.tenant, &hashes);
+        extend_chain_hashes(&mut seq.hashes, reusable, block_tokens);
+        let full = reusable.len() / block_tokens;
+        let hits = self.pool.lookup_prefix(&seq.tenant, &seq.hashes[..full]);
         seq.blocks = hits.iter().map(|b| b.0).collect();
         seq.computed = hits.len() * block_tokens;
         seq.published = hits.len();
@@ -617,8 +622,7 @@ impl<B: Backend> Engine<B> {
                 .min(self.cfg.prefill_chunk)
                 .min(budget);
             let need = (seq.computed + chunk).div_ceil(block_tokens);
-            let planned: Vec<RequestId> = plan.iter().map(|p| p.0).collect();
-            match self.grow(id, need, &planned)? {
+            match self.grow(id, need, &plan)? {
                 Grow::Ok => {
                     plan.push((id, chunk));
                     budget -= chunk;
@@ -638,8 +642,10 @@ impl<B: Backend> Engine<B> {
         &mut self,
         id: RequestId,
         need: usize,
-        planned: &[RequestId],
+        plan: &[(RequestId, usize)],
     ) -> Result<Grow, BackendError> {
+        // Sequences already in this step's batch keep their blocks.
+        let planned = |r: &RequestId| plan.iter().any(|p| p.0 == *r);
         let mut tries = self.pool.num_blocks() as usize + self.running.len() + 4;
         while self.seqs[&id].blocks.len() < need {
             tries -= 1;
@@ -651,11 +657,10 @@ impl<B: Backend> Engine<B> {
                 Ok(block) => self.seqs.get_mut(&id).expect("exists").blocks.push(block.0),
                 Err(AllocError::NeedsScrub) => self.scrub()?,
                 Err(AllocError::QuotaExhausted { quota, .. }) => {
-                    let mut except = planned.to_vec();
-                    except.push(id);
-                    if let Some(victim) = self.youngest_running(&tenant, &except) {
+                    if let Some(victim) = self.youngest_running(&tenant, |r| *r == id || planned(r))
+                    {
                         self.preempt(victim);
-                    } else if planned.iter().any(|p| self.seqs[p].tenant == tenant) {
+                    } else if plan.iter().any(|p| self.seqs[&p.0].tenant == tenant) {
                         return Ok(Grow::Wait);
                     } else {
                         return Ok(Grow::Failed(format!(
@@ -667,7 +672,7 @@ impl<B: Backend> Engine<B> {
                     let victim = self
                         .running
                         .iter()
-                        .filter(|r| **r != id && !planned.contains(r))
+                        .filter(|r| **r != id && !planned(r))
                         .max_by_key(|r| self.seqs[r].arrival)
                         .copied();
                     match victim {
@@ -688,10 +693,14 @@ impl<B: Backend> Engine<B> {
         if full <= seq.published {
             return;
         }
-        let hashes = chain_hashes(&seq.tokens[..full * block_tokens], block_tokens);
-        for (i, hash) in hashes.iter().enumerate().skip(seq.published) {
+        extend_chain_hashes(
+            &mut seq.hashes,
+            &seq.tokens[..full * block_tokens],
+            block_tokens,
+        );
+        for i in seq.published..full {
             self.pool
-                .publish(&seq.tenant, *hash, BlockId(seq.blocks[i]));
+                .publish(&seq.tenant, seq.hashes[i], BlockId(seq.blocks[i]));
         }
         seq.published = full;
     }

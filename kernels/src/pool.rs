@@ -53,7 +53,7 @@ mod prefix;
 #[cfg(test)]
 mod tests;
 
-pub use self::prefix::{ChainHash, chain_hashes};
+pub use self::prefix::{ChainHash, chain_hashes, extend_chain_hashes};
 
 use crate::layout::FREE_TAG;
 use bulkhead_core::TenantId;

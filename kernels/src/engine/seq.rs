@@ -1,6 +1,6 @@
 //! One request's state inside the engine.
 
-use crate::{backend::SeqStep, model::Sampler};
+use crate::{backend::SeqStep, model::Sampler, pool::ChainHash};
 use bulkhead_core::{
     TenantId,
     wire::{RequestId, Submit, WorkerToProxy},
@@ -25,6 +25,9 @@ pub(super) struct Seq {
     pub computed: usize,
     /// Leading full blocks published to (or taken from) the prefix cache.
     pub published: usize,
+    /// Chain hashes of the leading full blocks hashed so far (tokens only
+    /// grow while a sequence lives, so they stay valid across preemptions).
+    pub hashes: Vec<ChainHash>,
     /// Generated tokens already streamed.
     pub emitted: usize,
     pub prefix_hit_tokens: u32,
@@ -47,6 +50,7 @@ impl Seq {
             blocks: Vec::new(),
             computed: 0,
             published: 0,
+            hashes: Vec::new(),
             emitted: 0,
             prefix_hit_tokens: 0,
             started: false,

@@ -30,16 +30,28 @@ impl fmt::Debug for ChainHash {
 /// it must not be shared. A `block_tokens` of 0 or one that does not fit a
 /// `u32` yields no hash at all (nothing is cached rather than a panic).
 pub fn chain_hashes(tokens: &[u32], block_tokens: usize) -> Vec<ChainHash> {
+    let mut out = Vec::new();
+    extend_chain_hashes(&mut out, tokens, block_tokens);
+    out
+}
+
+/// Extends `chain`, the chain hashes of the first `chain.len()` full blocks
+/// of `tokens`, with those of its further full blocks: a growing sequence
+/// hashes each block once instead of its whole prefix again.
+pub fn extend_chain_hashes(chain: &mut Vec<ChainHash>, tokens: &[u32], block_tokens: usize) {
     let Ok(block_tokens_u32) = u32::try_from(block_tokens) else {
-        return Vec::new();
+        return;
     };
     if block_tokens == 0 {
-        return Vec::new();
+        return;
     }
-    let mut out: Vec<ChainHash> = Vec::with_capacity(tokens.len() / block_tokens);
-    for block in tokens.chunks_exact(block_tokens) {
+    let done = chain.len() * block_tokens;
+    let Some(rest) = tokens.get(done..) else {
+        return;
+    };
+    for block in rest.chunks_exact(block_tokens) {
         let mut hasher = Sha256::new();
-        if let Some(prev) = out.last() {
+        if let Some(prev) = chain.last() {
             hasher.update(prev.0);
         } else {
             hasher.update(DOMAIN);
@@ -48,7 +60,6 @@ pub fn chain_hashes(tokens: &[u32], block_tokens: usize) -> Vec<ChainHash> {
         for token in block {
             hasher.update(token.to_le_bytes());
         }
-        out.push(ChainHash(hasher.finalize().into()));
+        chain.push(ChainHash(hasher.finalize().into()));
     }
-    out
 }
