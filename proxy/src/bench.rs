@@ -345,17 +345,7 @@ pub(crate) async fn drain(stream: &mut H3Stream) -> anyhow::Result<usize> {
 
 /// The `p`-th percentile (0–100, nearest rank) of `sorted`; zero when empty.
 pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss,
-        reason = "a rank within the slice"
-    )]
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+    bulkhead_core::sim::nearest_rank(sorted, p / 100.0)
 }
 
 /// `n` as a float (counts far below 2^52).

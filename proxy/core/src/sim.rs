@@ -15,7 +15,7 @@ mod server;
 
 pub use self::{
     policy::{Policy, Scheduler, SortingWfq, Ticket},
-    report::{Report, TenantReport, jain_index, max_min_shares},
+    report::{Report, TenantReport, jain_index, max_min_shares, nearest_rank},
     rng::SimRng,
     scenarios::{
         FairnessSummary, POLICIES, STANDARD_SERVER, noisy_neighbour, returning, saturated,

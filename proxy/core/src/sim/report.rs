@@ -53,18 +53,23 @@ impl TenantReport {
     pub fn delay_quantile(&self, q: f64) -> Duration {
         let mut sorted = self.queue_delays.clone();
         sorted.sort_unstable();
-        if sorted.is_empty() {
-            return Duration::ZERO;
-        }
-        #[expect(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            clippy::cast_precision_loss,
-            reason = "an index into a vector that fits in memory"
-        )]
-        let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-        sorted[rank - 1]
+        nearest_rank(&sorted, q)
     }
+}
+
+/// The `q`-quantile (0..=1) of `sorted` by nearest rank; zero when empty.
+pub fn nearest_rank(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "an index into a vector that fits in memory"
+    )]
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
 }
 
 /// The outcome of one [`Scenario`] under one [`Policy`].
