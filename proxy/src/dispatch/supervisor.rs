@@ -2,7 +2,7 @@
 
 use super::{WorkerSpec, state::Shared};
 use bulkhead_core::wire::{
-    FrameDecoder, Hello, ProxyToWorker, Role, WorkerInfo, WorkerToProxy, encode_frame,
+    FrameDecoder, Hello, ProxyToWorker, WorkerInfo, WorkerToProxy, encode_frame,
 };
 use std::{sync::Arc, time::Duration};
 use tokio::{
@@ -117,13 +117,7 @@ async fn read_hello(
 ) -> Result<WorkerInfo, String> {
     loop {
         match decoder.next_message() {
-            Ok(Some(WorkerToProxy::Hello(hello))) => {
-                hello.check_version().map_err(|e| e.to_string())?;
-                return match hello.role {
-                    Role::Worker(info) if hello.worker_id == id => Ok(info),
-                    _ => Err(format!("the peer did not answer as worker {id}")),
-                };
-            }
+            Ok(Some(WorkerToProxy::Hello(hello))) => return hello.into_worker_info(id),
             Ok(Some(other)) => return Err(format!("expected Hello, got {other:?}")),
             Ok(None) => {}
             Err(e) => return Err(e.to_string()),

@@ -1,7 +1,7 @@
 //! The proxy's end of a worker connection (blocking).
 
 use bulkhead_core::wire::{
-    FrameDecoder, Hello, ProxyToWorker, Role, WireError, WorkerInfo, WorkerToProxy, encode_frame,
+    FrameDecoder, Hello, ProxyToWorker, WireError, WorkerInfo, WorkerToProxy, encode_frame,
 };
 use std::{
     io::{ErrorKind, Read as _, Write as _},
@@ -98,19 +98,7 @@ impl WorkerLink {
         link.send(&ProxyToWorker::Hello(Hello::proxy(worker_id)))?;
         match link.recv_timeout(timeout)? {
             WorkerToProxy::Hello(hello) => {
-                hello
-                    .check_version()
-                    .map_err(|e| handshake(e.to_string()))?;
-                match hello.role {
-                    Role::Worker(info) if hello.worker_id == worker_id => link.info = info,
-                    Role::Worker(_) => {
-                        return Err(handshake(format!(
-                            "the worker answered as worker {}, not {worker_id}",
-                            hello.worker_id
-                        )));
-                    }
-                    Role::Proxy => return Err(handshake("the peer is a proxy".to_owned())),
-                }
+                link.info = hello.into_worker_info(worker_id).map_err(handshake)?;
             }
             other => return Err(handshake(format!("expected Hello, got {other:?}"))),
         }

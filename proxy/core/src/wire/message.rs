@@ -39,6 +39,20 @@ impl Hello {
         }
     }
 
+    /// The proxy's check of a worker's answer: a compatible version, the
+    /// worker role, and the id the proxy gave it; its resources if so.
+    pub fn into_worker_info(self, expected_id: u32) -> Result<WorkerInfo, String> {
+        self.check_version().map_err(|e| e.to_string())?;
+        match self.role {
+            Role::Worker(info) if self.worker_id == expected_id => Ok(info),
+            Role::Worker(_) => Err(format!(
+                "the worker answered as worker {}, not {expected_id}",
+                self.worker_id
+            )),
+            Role::Proxy => Err("the peer is a proxy, not a worker".to_owned()),
+        }
+    }
+
     /// Checks that the peer who sent this hello speaks a compatible version.
     pub const fn check_version(&self) -> Result<(), WireError> {
         if is_compatible(self.version) {
