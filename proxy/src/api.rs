@@ -334,12 +334,8 @@ impl App {
             },
             ticket.id().0
         );
-        let finish = Finish {
-            admitted: Some(admitted),
-        };
-        Ok(run
-            .respond(self, tenant, ticket, completion_id, finish)
-            .await)
+        let release = self.reservation(tenant, admitted);
+        Ok(run.respond(ticket, completion_id, release).await)
     }
 
     /// Authorize and limit: the core's admission under the tenant's limiter.
@@ -381,19 +377,25 @@ impl App {
         })
     }
 
-    fn release(&self, tenant: &TenantState, admitted: bulkhead_core::limits::Admitted, used: u64) {
-        drop(ReleaseOnDrop {
+    /// The admitted request's reservation, given back (with the tokens used) when dropped.
+    fn reservation(
+        &self,
+        tenant: &TenantState,
+        admitted: bulkhead_core::limits::Admitted,
+    ) -> ReleaseOnDrop {
+        ReleaseOnDrop {
             limiter: tenant.limiter.clone(),
             epoch: self.epoch,
             admitted: Some(admitted),
-            used,
-        });
+            used: 0,
+        }
     }
-}
 
-/// The limiter reservation a running request holds.
-struct Finish {
-    admitted: Option<bulkhead_core::limits::Admitted>,
+    fn release(&self, tenant: &TenantState, admitted: bulkhead_core::limits::Admitted, used: u64) {
+        let mut reservation = self.reservation(tenant, admitted);
+        reservation.used = used;
+        drop(reservation); // gives it back now
+    }
 }
 
 /// What a running request needs to answer.
@@ -419,27 +421,23 @@ struct Outcome {
 impl Run {
     async fn respond(
         self,
-        app: &App,
-        tenant: &TenantState,
         ticket: crate::dispatch::Ticket,
         id: String,
-        finish: Finish,
+        release: ReleaseOnDrop,
     ) -> ApiResponse {
         if self.stream {
-            self.respond_stream(app, tenant, ticket, id, finish)
+            self.respond_stream(ticket, id, release)
         } else {
-            self.respond_whole(app, tenant, ticket, &id, finish).await
+            self.respond_whole(ticket, &id, release).await
         }
     }
 
     /// A whole JSON answer, once the request finished.
     async fn respond_whole(
         self,
-        app: &App,
-        tenant: &TenantState,
         mut ticket: crate::dispatch::Ticket,
         id: &str,
-        mut finish: Finish,
+        mut release: ReleaseOnDrop,
     ) -> ApiResponse {
         let mut text = Utf8Stream::default();
         let mut out = Outcome {
@@ -465,13 +463,8 @@ impl Run {
             }
         }
         out.text.push_str(&text.finish());
-        if let Some(admitted) = finish.admitted.take() {
-            app.release(
-                tenant,
-                admitted,
-                u64::from(out.prompt_tokens) + u64::from(out.output_tokens),
-            );
-        }
+        release.used = u64::from(out.prompt_tokens) + u64::from(out.output_tokens);
+        drop(release);
         self.app_metrics.tokens(
             &self.tenant,
             u64::from(out.prompt_tokens),
@@ -501,21 +494,13 @@ impl Run {
     /// Server-sent events as tokens come; the task owns the ticket and the reservation.
     fn respond_stream(
         self,
-        app: &App,
-        tenant: &TenantState,
         mut ticket: crate::dispatch::Ticket,
         id: String,
-        mut finish: Finish,
+        release: ReleaseOnDrop,
     ) -> ApiResponse {
         let (tx, rx) = mpsc::channel::<Bytes>(64);
         let metrics = self.app_metrics.clone();
         // The stream outlives this call: it owns the ticket and the reservation.
-        let release = ReleaseOnDrop {
-            limiter: tenant.limiter.clone(),
-            epoch: app.epoch,
-            admitted: finish.admitted.take(),
-            used: 0,
-        };
         tokio::spawn(async move {
             // Moved whole (not field by field) so its drop runs when the stream ends.
             let mut release = release;
