@@ -15,6 +15,7 @@ use self::{
 };
 use crate::{
     dispatch::{DispatchError, Dispatcher, Event, Job},
+    ebpf::KernelFlows,
     front::{ApiRequest, ApiResponse, Handler, ResponseBody},
 };
 use bulkhead_core::{
@@ -31,7 +32,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde_json::{Value, json};
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     time::{Instant, SystemTime},
 };
 use tokio::sync::mpsc;
@@ -43,17 +44,36 @@ struct TenantState {
     limiter: Arc<Mutex<TenantLimiter>>,
 }
 
-/// The API: tenants, limiters, the dispatcher and the metrics.
+/// The tenant side of the config, swapped whole by a reload: each request
+/// reads one snapshot from start to end.
 #[derive(Debug)]
-pub struct App {
+struct Policy {
     config: Config,
     tenants: HashMap<TenantId, TenantState>,
     keys: ApiKeyRegistry,
+}
+
+/// The API: tenants, limiters, the dispatcher and the metrics.
+#[derive(Debug)]
+pub struct App {
+    policy: RwLock<Arc<Policy>>,
     dispatcher: Dispatcher,
     metrics: Arc<Metrics>,
     tokenizer: ByteTokenizer,
     epoch: Instant,
-    kernel: Option<Arc<Mutex<crate::ebpf::KernelPlane>>>,
+    kernel: Option<(Arc<Mutex<crate::ebpf::KernelPlane>>, Arc<KernelFlows>)>,
+}
+
+/// What a reload changed in the tenants.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TenantChanges {
+    /// Tenants new in the config.
+    pub added: Vec<TenantId>,
+    /// Tenants no longer in it: their new requests are refused; requests
+    /// already admitted finish.
+    pub removed: Vec<TenantId>,
+    /// Tenants whose policy changed (limits, models, keys, weight, ...).
+    pub changed: Vec<TenantId>,
 }
 
 /// An error answer.
@@ -105,29 +125,9 @@ impl App {
         dispatcher: Dispatcher,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
-        let mut tenants = HashMap::new();
-        let mut keys = Vec::new();
-        for policy in &config.tenants {
-            let limiter = admission::limiter_for(policy)
-                .map_err(|e| anyhow::anyhow!("tenant {}: {e}", policy.id))?;
-            keys.push(TenantApiKeys {
-                tenant: policy.id.clone(),
-                keys: policy.api_key_sha256.clone(),
-                require_api_key: false,
-            });
-            tenants.insert(
-                policy.id.clone(),
-                TenantState {
-                    policy: policy.clone(),
-                    limiter: Arc::new(Mutex::new(limiter)),
-                },
-            );
-        }
-        let keys = ApiKeyRegistry::new(keys)?;
+        let policy = Policy::build(config, &HashMap::new(), Timestamp::ZERO)?;
         Ok(Self {
-            config,
-            tenants,
-            keys,
+            policy: RwLock::new(Arc::new(policy)),
             dispatcher,
             metrics,
             tokenizer: ByteTokenizer::new(&ModelConfig::tiny()),
@@ -136,16 +136,67 @@ impl App {
         })
     }
 
-    /// Reports the kernel programs' per-tenant packet counters in `/metrics`.
+    /// Reports the kernel programs' per-tenant packet counters in
+    /// `/metrics`, naming each slot by `flows`' assignment.
     #[must_use]
-    pub fn with_kernel(mut self, plane: Arc<Mutex<crate::ebpf::KernelPlane>>) -> Self {
-        self.kernel = Some(plane);
+    pub fn with_kernel(
+        mut self,
+        plane: Arc<Mutex<crate::ebpf::KernelPlane>>,
+        flows: Arc<KernelFlows>,
+    ) -> Self {
+        self.kernel = Some((plane, flows));
         self
+    }
+
+    /// The current tenant policy.
+    fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The config the API serves now.
+    pub fn config(&self) -> Config {
+        self.policy().config.clone()
+    }
+
+    /// Takes the tenants of `config` (already checked for what a reload may
+    /// change): new policies, keys and limits apply to requests that start
+    /// from now on. A tenant's limiter keeps its state across the change
+    /// (what was used stays used); the dispatcher takes the new weights and
+    /// queue caps. Nothing changes if it fails.
+    pub fn reload(&self, config: Config) -> anyhow::Result<TenantChanges> {
+        let mut slot = self
+            .policy
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let old = slot.clone();
+        let next = Policy::build(config, &old.tenants, self.now())?;
+        let mut changes = TenantChanges::default();
+        for t in &next.config.tenants {
+            match old.tenants.get(&t.id) {
+                None => changes.added.push(t.id.clone()),
+                Some(o) if o.policy != *t => changes.changed.push(t.id.clone()),
+                Some(_) => {}
+            }
+        }
+        changes.removed = old
+            .config
+            .tenants
+            .iter()
+            .filter(|t| !next.tenants.contains_key(&t.id))
+            .map(|t| t.id.clone())
+            .collect();
+        self.dispatcher
+            .set_tenants(&crate::serve::plan::tenant_slots(&next.config));
+        *slot = Arc::new(next);
+        Ok(changes)
     }
 
     /// Per tenant (by id), packets the kernel passed and dropped.
     fn kernel_counts(&self) -> BTreeMap<String, KernelCounts> {
-        let Some(plane) = &self.kernel else {
+        let Some((plane, flows)) = &self.kernel else {
             return BTreeMap::new();
         };
         let counters = match plane
@@ -162,10 +213,9 @@ impl App {
         counters
             .into_iter()
             .map(|(index, c)| {
-                let name = usize::try_from(index)
-                    .ok()
-                    .and_then(|i| self.config.tenants.get(i))
-                    .map_or_else(|| "unknown".to_owned(), |t| t.id.to_string());
+                let name = flows
+                    .tenant_of(index)
+                    .map_or_else(|| "unknown".to_owned(), |t| t.to_string());
                 (
                     name,
                     KernelCounts {
@@ -182,12 +232,34 @@ impl App {
         &self.metrics
     }
 
+    /// Every tenant's metrics and kernel counters, for the admin endpoint.
+    pub fn host_metrics(&self) -> String {
+        self.metrics.render(None, &self.kernel_counts())
+    }
+
+    /// The dispatcher's workers and queue, for `/healthz`.
+    pub(crate) fn health(&self) -> ApiResponse {
+        let workers = self.dispatcher.workers();
+        let alive = workers.iter().filter(|w| w.1).count();
+        let status = if alive > 0 {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        ApiResponse::full(
+            status,
+            "application/json",
+            json!({"workers": workers.len(), "alive": alive, "queued": self.dispatcher.queued()})
+                .to_string(),
+        )
+    }
+
     fn now(&self) -> Timestamp {
         Timestamp::from_duration(self.epoch.elapsed())
     }
 
     /// The tenant of a request: its certificate's, narrowed by a bearer key if present.
-    fn authenticate(&self, req: &ApiRequest) -> Result<&TenantState, ApiError> {
+    fn authenticate<'p>(policy: &'p Policy, req: &ApiRequest) -> Result<&'p TenantState, ApiError> {
         let unauthorized = |m: String| {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -201,7 +273,7 @@ impl App {
             .tenant
             .as_ref()
             .map_err(|e| unauthorized(e.to_string()))?;
-        let state = self.tenants.get(tenant).ok_or_else(|| {
+        let state = policy.tenants.get(tenant).ok_or_else(|| {
             unauthorized(format!("tenant {tenant} is not configured on this host"))
         })?;
         let bearer = match req.headers.get(http::header::AUTHORIZATION) {
@@ -215,7 +287,7 @@ impl App {
                     })?,
             ),
         };
-        self.keys.authenticate(tenant, bearer).map_err(|e| {
+        policy.keys.authenticate(tenant, bearer).map_err(|e| {
             let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
             let code = if status == StatusCode::FORBIDDEN {
                 "permission_denied"
@@ -227,8 +299,8 @@ impl App {
         Ok(state)
     }
 
-    fn models(&self, tenant: &TenantState) -> ApiResponse {
-        let data: Vec<Value> = self
+    fn models(policy: &Policy, tenant: &TenantState) -> ApiResponse {
+        let data: Vec<Value> = policy
             .config
             .models
             .iter()
@@ -248,7 +320,8 @@ impl App {
         kind: Kind,
         arrived: Instant,
     ) -> Result<ApiResponse, (Option<TenantId>, ApiError)> {
-        let tenant = self.authenticate(&req).map_err(|e| (None, e))?;
+        let policy = self.policy();
+        let tenant = Self::authenticate(&policy, &req).map_err(|e| (None, e))?;
         let id = tenant.policy.id.clone();
         let fail = |e: ApiError| (Some(id.clone()), e);
         let parsed = openai::parse(kind, &req.body).map_err(|b| {
@@ -262,7 +335,7 @@ impl App {
             fail(e)
         })?;
         let prompt_tokens = self.tokenizer.encode(&parsed.prompt);
-        let context = self
+        let context = policy
             .config
             .model(&parsed.model)
             .map_or(2048, |m| m.max_context_tokens);
@@ -396,6 +469,67 @@ impl App {
         reservation.used = used;
         drop(reservation); // gives it back now
     }
+}
+
+impl Policy {
+    /// The policy of `config`'s tenants. A tenant already in `previous`
+    /// keeps its limiter (reconfigured at `now` if its limits changed), so
+    /// requests admitted before complete into it.
+    fn build(
+        config: Config,
+        previous: &HashMap<TenantId, TenantState>,
+        now: Timestamp,
+    ) -> anyhow::Result<Self> {
+        let mut tenants = HashMap::new();
+        let mut keys = Vec::new();
+        let mut reconfigure = Vec::new();
+        for policy in &config.tenants {
+            let fresh = admission::limiter_for(policy)
+                .map_err(|e| anyhow::anyhow!("tenant {}: {e}", policy.id))?;
+            let limiter = match previous.get(&policy.id) {
+                Some(old) => {
+                    if limits_differ(&old.policy, policy) {
+                        reconfigure.push((old.limiter.clone(), fresh));
+                    }
+                    old.limiter.clone()
+                }
+                None => Arc::new(Mutex::new(fresh)),
+            };
+            keys.push(TenantApiKeys {
+                tenant: policy.id.clone(),
+                keys: policy.api_key_sha256.clone(),
+                require_api_key: false,
+            });
+            tenants.insert(
+                policy.id.clone(),
+                TenantState {
+                    policy: policy.clone(),
+                    limiter,
+                },
+            );
+        }
+        let keys = ApiKeyRegistry::new(keys)?;
+        // Only once nothing can fail any more.
+        for (limiter, fresh) in reconfigure {
+            limiter
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .reconfigure(now, fresh);
+        }
+        Ok(Self {
+            config,
+            tenants,
+            keys,
+        })
+    }
+}
+
+/// Whether the limiter settings of two policies of one tenant differ.
+fn limits_differ(a: &TenantPolicy, b: &TenantPolicy) -> bool {
+    a.requests_per_second.to_bits() != b.requests_per_second.to_bits()
+        || a.request_burst != b.request_burst
+        || a.tokens_per_minute != b.tokens_per_minute
+        || a.max_concurrent_requests != b.max_concurrent_requests
 }
 
 /// What a running request needs to answer.
@@ -709,25 +843,27 @@ impl Handler for App {
                 self.complete(req, Kind::Chat, arrived).await
             }
             (&Method::POST, "/v1/completions") => self.complete(req, Kind::Text, arrived).await,
-            (&Method::GET, "/v1/models") => match self.authenticate(&req) {
-                Ok(t) => Ok(self.models(t)),
-                Err(e) => Err((None, e)),
-            },
-            (&Method::GET, "/healthz") => {
-                let workers = self.dispatcher.workers();
-                let alive = workers.iter().filter(|w| w.1).count();
-                let status = if alive > 0 {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                Ok(ApiResponse::full(status, "application/json", json!({"workers": workers.len(), "alive": alive, "queued": self.dispatcher.queued()}).to_string()))
+            (&Method::GET, "/v1/models") => {
+                let policy = self.policy();
+                match Self::authenticate(&policy, &req) {
+                    Ok(t) => Ok(Self::models(&policy, t)),
+                    Err(e) => Err((None, e)),
+                }
             }
-            (&Method::GET, "/metrics") => Ok(ApiResponse::full(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                self.metrics.render(&self.kernel_counts()),
-            )),
+            (&Method::GET, "/healthz") => Ok(self.health()),
+            // A tenant sees its own series; the host's are on the admin endpoint.
+            (&Method::GET, "/metrics") => {
+                let policy = self.policy();
+                match Self::authenticate(&policy, &req) {
+                    Ok(t) => Ok(ApiResponse::full(
+                        StatusCode::OK,
+                        "text/plain; version=0.0.4",
+                        self.metrics
+                            .render(Some(t.policy.id.as_str()), &self.kernel_counts()),
+                    )),
+                    Err(e) => Err((None, e)),
+                }
+            }
             (
                 _,
                 "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/healthz" | "/metrics",

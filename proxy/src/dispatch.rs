@@ -72,6 +72,7 @@ pub enum QueuePolicy {
 #[derive(Clone, Debug)]
 pub struct Dispatcher {
     shared: Arc<Shared>,
+    weights: ServiceWeights,
 }
 
 impl Dispatcher {
@@ -120,7 +121,7 @@ impl Dispatcher {
                 restart_backoff,
             ));
         }
-        Self { shared }
+        Self { shared, weights }
     }
 
     /// Queues a request; its events arrive on the returned ticket.
@@ -141,6 +142,13 @@ impl Dispatcher {
     /// Requests waiting in the fair queues.
     pub fn queued(&self) -> usize {
         self.shared.lock().queued()
+    }
+
+    /// Takes a reloaded config's tenants (weights, queue caps, who may
+    /// queue); see the state's `set_tenants`.
+    pub fn set_tenants(&self, tenants: &[TenantSlot]) {
+        let weights = self.weights;
+        self.shared.lock().set_tenants(tenants, weights);
     }
 
     /// Waits until every worker has connected at least once, or `timeout` passes.

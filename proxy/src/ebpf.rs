@@ -44,5 +44,5 @@ pub use self::{
         ApplyReport, KernelPlane, LinkStatus, Origin, PlaneStatus, TenantStatus, UnloadReport,
         embedded_object,
     },
-    registry::KernelFlows,
+    registry::{KernelFlows, TenantSlots},
 };

@@ -44,6 +44,16 @@ enum Command {
         #[arg(long, default_value = "/run/bulkhead")]
         runtime_dir: PathBuf,
     },
+    /// Reload the tenants and TLS files of a running `serve` through its
+    /// admin endpoint (as SIGHUP does), and print what changed or why not.
+    Reload {
+        /// The running host's config: its `[listeners] admin` is asked.
+        #[arg(long, required_unless_present = "admin")]
+        config: Option<PathBuf>,
+        /// The admin endpoint instead: a unix socket path or a loopback address.
+        #[arg(long)]
+        admin: Option<String>,
+    },
     /// Run a worker: the engine (KV pool, batching, kernels) behind a unix socket.
     Worker(WorkerArgs),
     /// Write a development PKI: server and tenant CAs, a server certificate
@@ -192,6 +202,7 @@ fn main() -> ExitCode {
             config,
             runtime_dir,
         }),
+        Command::Reload { config, admin } => run_reload(config.as_deref(), admin.as_deref()),
         Command::Worker(args) => run_worker(args),
         Command::Certs(args) => run_certs(&args),
         Command::Bench(command) => run_bench(&command),
@@ -268,6 +279,37 @@ fn run_serve(opts: ServeOptions) -> anyhow::Result<String> {
         .context("starting the async runtime")?;
     runtime.block_on(serve::run(opts))?;
     Ok(String::new())
+}
+
+/// Asks a running `serve` to reload; returns its report.
+fn run_reload(config: Option<&Path>, admin: Option<&str>) -> anyhow::Result<String> {
+    use bulkhead_core::config::AdminEndpoint;
+    let endpoint = match (admin, config) {
+        (Some(a), _) => match a.parse() {
+            Ok(addr) => AdminEndpoint::Tcp(addr),
+            Err(_) if a.starts_with('/') => AdminEndpoint::Unix(a.into()),
+            Err(_) => anyhow::bail!(
+                "--admin {a:?}: give a socket address such as 127.0.0.1:9090 or an absolute unix socket path"
+            ),
+        },
+        (None, Some(path)) => Config::from_path(path)
+            .with_context(|| format!("config {}", path.display()))?
+            .listeners
+            .admin
+            .with_context(|| {
+                format!(
+                    "{} has no [listeners] admin endpoint; send the process SIGHUP instead",
+                    path.display()
+                )
+            })?,
+        (None, None) => anyhow::bail!("give --config or --admin"),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let body = runtime.block_on(serve::admin::request_reload(&endpoint))?;
+    Ok(format!("{body}\n"))
 }
 
 /// Runs a bench and returns its table.

@@ -11,7 +11,9 @@
 //! under its tenant after the handshake (and followed when a QUIC client's
 //! address changes), and `/metrics` reports the kernel's per-tenant packets.
 
+pub mod admin;
 pub mod plan;
+pub mod reload;
 
 use crate::{
     api::{App, metrics::Metrics},
@@ -55,11 +57,8 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
         .with_context(|| format!("config {}", opts.config.display()))?;
     let tls = ServerTls::from_paths(&config.tls)?;
     prepare_runtime_dir(&opts.runtime_dir)?;
-    let specs = plan::plan_workers(
-        &config,
-        &opts.runtime_dir,
-        bulkhead_kernels::cuda::available(),
-    );
+    let gpu = bulkhead_kernels::cuda::available();
+    let specs = plan::plan_workers(&config, &opts.runtime_dir, gpu);
     let dispatcher = Dispatcher::start(
         config.scheduler.into(),
         &plan::tenant_slots(&config),
@@ -73,9 +72,13 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let domain = config.trust_domain.clone();
     let (quic_addr, tcp_addr) = (config.listeners.quic, config.listeners.tcp);
     let plane = start_kernel_plane(&config)?;
+    let flows = match &plane {
+        Some(plane) => Some(Arc::new(KernelFlows::new(plane.clone(), &config)?)),
+        None => None,
+    };
     let mut app = App::new(config.clone(), dispatcher, Arc::new(Metrics::default()))?;
-    if let Some(plane) = &plane {
-        app = app.with_kernel(plane.clone());
+    if let (Some(plane), Some(flows)) = (&plane, &flows) {
+        app = app.with_kernel(plane.clone(), flows.clone());
     }
     let app = Arc::new(app);
     let mut quic = QuicServer::bind(quic_addr, tls.quic.clone(), domain.clone(), limits)?;
@@ -88,11 +91,23 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let connections = TenantConnections::new(limits.max_connections_per_tenant);
     quic = quic.with_connections(connections.clone());
     tcp = tcp.with_connections(connections);
-    if let Some(plane) = plane {
-        let flows: Arc<dyn FlowRegistry> = Arc::new(KernelFlows::new(plane, &config));
-        quic = quic.with_flows(flows.clone());
-        tcp = tcp.with_flows(flows);
+    if let Some(flows) = &flows {
+        let registry: Arc<dyn FlowRegistry> = flows.clone();
+        quic = quic.with_flows(registry.clone());
+        tcp = tcp.with_flows(registry);
     }
+    let reloader = Arc::new(reload::Reloader::new(
+        &opts.config,
+        &opts.runtime_dir,
+        gpu,
+        app.clone(),
+        flows,
+        (tcp.tls_handle(), quic.tls_handle()),
+    ));
+    let admin = match &config.listeners.admin {
+        Some(endpoint) => Some(admin::AdminListener::bind(endpoint).await?),
+        None => None,
+    };
     let bound = Bound {
         quic: quic.local_addr()?,
         tcp: tcp.local_addr()?,
@@ -112,8 +127,11 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     }
     let shutdown = Shutdown::new();
     let quic_task = tokio::spawn(quic.serve(app.clone(), shutdown.signal()));
-    let tcp_task = tokio::spawn(tcp.serve(app, shutdown.signal()));
-    wait_for_stop_signal().await?;
+    let tcp_task = tokio::spawn(tcp.serve(app.clone(), shutdown.signal()));
+    if let Some(admin) = admin {
+        tokio::spawn(admin.serve(app, reloader.clone(), shutdown.signal()));
+    }
+    wait_for_stop_signal(&reloader).await?;
     tracing::info!("draining: no new connections; in-flight requests may finish");
     shutdown.trigger();
     let _ = tokio::join!(quic_task, tcp_task);
@@ -186,15 +204,23 @@ fn prepare_runtime_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT, reloading the config on each SIGHUP meanwhile.
+async fn wait_for_stop_signal(reloader: &Arc<reload::Reloader>) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config");
+                let reloader = reloader.clone();
+                let _ = tokio::task::spawn_blocking(move || reloader.reload_logged()).await;
+            }
+        }
     }
-    Ok(())
 }
 
 #[cfg(test)]

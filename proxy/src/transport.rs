@@ -25,8 +25,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub use self::flows::{FlowGuard, FlowRegistry, FlowTransport};
-pub use self::quic::{QuicServer, SocketBuffers};
-pub use self::tcp::TcpServer;
+pub use self::quic::{QuicError, QuicServer, QuicTlsHandle, SocketBuffers};
+pub use self::tcp::{TcpServer, TcpTlsHandle};
 
 /// Bounds on what one client can hold open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

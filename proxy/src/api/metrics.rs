@@ -100,15 +100,23 @@ impl Metrics {
         self.with(tenant.as_str(), |m| m.ttft.observe(d));
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self, kernel: &BTreeMap<String, KernelCounts>) -> String {
-        let map = self
+    /// The Prometheus text exposition: every tenant's series, or with
+    /// `only`, that tenant's alone (what a tenant may see of the host).
+    pub fn render(&self, only: Option<&str>, kernel: &BTreeMap<String, KernelCounts>) -> String {
+        let all = self
             .tenants
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let map: BTreeMap<&String, &TenantMetrics> = all
+            .iter()
+            .filter(|(t, _)| only.is_none_or(|o| o == t.as_str()))
+            .collect();
+        let kernel = kernel
+            .iter()
+            .filter(|(t, _)| only.is_none_or(|o| o == t.as_str()));
         let mut out = String::new();
         out.push_str("# HELP bulkhead_requests_total Requests answered, by tenant and HTTP status.\n# TYPE bulkhead_requests_total counter\n");
-        for (t, m) in map.iter() {
+        for (t, m) in &map {
             for (status, n) in &m.requests {
                 let _ = writeln!(
                     out,
@@ -117,7 +125,7 @@ impl Metrics {
             }
         }
         out.push_str("# HELP bulkhead_tokens_total Tokens processed, by tenant and direction.\n# TYPE bulkhead_tokens_total counter\n");
-        for (t, m) in map.iter() {
+        for (t, m) in &map {
             let _ = writeln!(
                 out,
                 "bulkhead_tokens_total{{tenant=\"{t}\",direction=\"in\"}} {}",
@@ -130,11 +138,11 @@ impl Metrics {
             );
         }
         out.push_str("# HELP bulkhead_queue_seconds Time in the fair queue.\n# TYPE bulkhead_queue_seconds histogram\n");
-        for (t, m) in map.iter() {
+        for (t, m) in &map {
             m.queue.render(&mut out, "bulkhead_queue_seconds", t);
         }
         out.push_str("# HELP bulkhead_time_to_first_token_seconds Arrival to first token.\n# TYPE bulkhead_time_to_first_token_seconds histogram\n");
-        for (t, m) in map.iter() {
+        for (t, m) in &map {
             m.ttft
                 .render(&mut out, "bulkhead_time_to_first_token_seconds", t);
         }

@@ -570,6 +570,36 @@ impl State {
         self.groups.values().map(|g| g.queue.len()).sum()
     }
 
+    /// Takes a reloaded config's tenants: new weights and queue caps, new
+    /// tenants queue from now on, removed tenants queue nothing more (what
+    /// they have queued is still served; nothing accepted is dropped).
+    pub fn set_tenants(&mut self, tenants: &[TenantSlot], weights: ServiceWeights) {
+        let keep: std::collections::HashSet<&TenantId> = tenants.iter().map(|t| &t.id).collect();
+        let gone: Vec<(TenantId, Option<TenantId>)> = self
+            .tenant_group
+            .iter()
+            .filter(|(t, _)| !keep.contains(t))
+            .map(|(t, g)| (t.clone(), g.clone()))
+            .collect();
+        for (tenant, group) in gone {
+            self.tenant_group.remove(&tenant);
+            if let Some(g) = self.groups.get_mut(&group)
+                && g.queue.queued(&tenant) == 0
+            {
+                g.queue.remove_tenant(&tenant);
+            }
+        }
+        for t in tenants {
+            let group = t.dedicated.then(|| t.id.clone());
+            self.groups
+                .entry(group.clone())
+                .or_insert_with(|| Group::new(weights))
+                .queue
+                .set_tenant(&t.id, t.weight, t.max_queued);
+            self.tenant_group.insert(t.id.clone(), group);
+        }
+    }
+
     pub fn all_alive(&self) -> bool {
         self.workers.iter().all(|w| w.tx.is_some())
     }

@@ -301,6 +301,16 @@ impl KernelPlane {
         self.write_config(&table, settings)
     }
 
+    /// Writes `table` (slot by slot; see `TenantSlots`) and `settings`,
+    /// and clears active slots beyond the table.
+    pub fn apply_table(
+        &mut self,
+        table: &[TenantLimits],
+        settings: Settings,
+    ) -> Result<ApplyReport, EbpfError> {
+        self.write_config(table, settings)
+    }
+
     /// Registers the flow of `remote` to tenant `tenant` (replacing any earlier registration).
     pub fn register_flow(
         &mut self,

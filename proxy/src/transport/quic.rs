@@ -73,6 +73,7 @@ pub struct QuicCounters {
 /// A bound QUIC endpoint, not yet serving.
 pub struct QuicServer {
     endpoint: quinn::Endpoint,
+    transport: Arc<quinn::TransportConfig>,
     trust_domain: TrustDomain,
     limits: TransportLimits,
     connections: Arc<TenantConnections>,
@@ -91,11 +92,10 @@ impl QuicServer {
         limits: TransportLimits,
     ) -> Result<Self, QuicError> {
         let socket_error = |source| QuicError::Socket { addr, source };
-        let crypto = QuicServerConfig::try_from(tls)?;
         let mut transport = quinn::TransportConfig::default();
         transport.max_concurrent_bidi_streams(limits.max_streams_per_connection.into());
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server_config.transport_config(Arc::new(transport));
+        let transport = Arc::new(transport);
+        let server_config = server_config(tls, &transport)?;
 
         let socket = std::net::UdpSocket::bind(addr).map_err(socket_error)?;
         let buffers = enlarge_buffers(&socket).map_err(socket_error)?;
@@ -115,6 +115,7 @@ impl QuicServer {
         .map_err(socket_error)?;
         Ok(Self {
             endpoint,
+            transport,
             trust_domain,
             limits,
             connections: TenantConnections::new(limits.max_connections_per_tenant),
@@ -127,6 +128,14 @@ impl QuicServer {
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// A handle that swaps the TLS configuration of new connections (a reload).
+    pub fn tls_handle(&self) -> QuicTlsHandle {
+        QuicTlsHandle {
+            endpoint: self.endpoint.clone(),
+            transport: Arc::clone(&self.transport),
+        }
     }
 
     /// The UDP buffer sizes the kernel granted.
@@ -204,6 +213,34 @@ impl QuicServer {
         tasks.shutdown().await;
         // Lets the close frames go out; bounded in case a peer never answers.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
+    }
+}
+
+/// The endpoint's server config: `tls` for QUIC with `transport`.
+fn server_config(
+    tls: Arc<rustls::ServerConfig>,
+    transport: &Arc<quinn::TransportConfig>,
+) -> Result<quinn::ServerConfig, QuicError> {
+    let crypto = QuicServerConfig::try_from(tls)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::clone(transport));
+    Ok(config)
+}
+
+/// Swaps the TLS configuration a [`QuicServer`]'s endpoint hands new
+/// connections; connections already open keep theirs.
+#[derive(Clone, Debug)]
+pub struct QuicTlsHandle {
+    endpoint: quinn::Endpoint,
+    transport: Arc<quinn::TransportConfig>,
+}
+
+impl QuicTlsHandle {
+    /// New connections use `tls` from now on.
+    pub fn set(&self, tls: Arc<rustls::ServerConfig>) -> Result<(), QuicError> {
+        self.endpoint
+            .set_server_config(Some(server_config(tls, &self.transport)?));
+        Ok(())
     }
 }
 

@@ -22,7 +22,7 @@ use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 /// A bound TLS/TCP listener, not yet serving.
 pub struct TcpServer {
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: Arc<RwLock<TlsAcceptor>>,
     trust_domain: TrustDomain,
     limits: TransportLimits,
     connections: Arc<TenantConnections>,
@@ -54,7 +54,7 @@ impl TcpServer {
     ) -> std::io::Result<Self> {
         Ok(Self {
             listener: TcpListener::bind(addr).await?,
-            acceptor: TlsAcceptor::from(tls),
+            acceptor: Arc::new(RwLock::new(TlsAcceptor::from(tls))),
             trust_domain,
             limits,
             connections: TenantConnections::new(limits.max_connections_per_tenant),
@@ -66,6 +66,11 @@ impl TcpServer {
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// A handle that swaps the TLS configuration of new connections (a reload).
+    pub fn tls_handle(&self) -> TcpTlsHandle {
+        TcpTlsHandle(Arc::clone(&self.acceptor))
     }
 
     /// Advertises HTTP/3 on UDP port `quic_port` (`alt-svc: h3=":<port>"; ma=86400`).
@@ -134,10 +139,31 @@ impl TcpServer {
     }
 }
 
+/// Swaps the TLS configuration a [`TcpServer`] hands new connections;
+/// connections already open keep theirs.
+#[derive(Clone)]
+pub struct TcpTlsHandle(Arc<RwLock<TlsAcceptor>>);
+
+impl TcpTlsHandle {
+    /// New connections use `tls` from now on.
+    pub fn set(&self, tls: Arc<rustls::ServerConfig>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = TlsAcceptor::from(tls);
+    }
+}
+
+impl std::fmt::Debug for TcpTlsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TcpTlsHandle")
+    }
+}
+
 /// What every connection task of one listener reads.
 struct Shared<H> {
     handler: Arc<H>,
-    acceptor: TlsAcceptor,
+    acceptor: Arc<RwLock<TlsAcceptor>>,
     trust_domain: TrustDomain,
     limits: TransportLimits,
     connections: Arc<TenantConnections>,
@@ -154,7 +180,12 @@ async fn connection<H: Handler>(
 ) {
     // Tokens are small writes that must leave at once.
     let _ = stream.set_nodelay(true);
-    let handshake = shared.acceptor.accept(stream);
+    let acceptor = shared
+        .acceptor
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let handshake = acceptor.accept(stream);
     let tls = match tokio::time::timeout(shared.limits.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {

@@ -62,6 +62,17 @@ impl ConcurrencyLimit {
         self.in_flight = self.in_flight.saturating_sub(1);
     }
 
+    /// A limit of `max` with this one's requests still in flight (their
+    /// permits are released into the new limit). It may start over `max`
+    /// when the limit shrank: no new request passes until enough finish.
+    #[must_use]
+    pub fn resized(&self, max: u32) -> Self {
+        Self {
+            max,
+            in_flight: self.in_flight,
+        }
+    }
+
     /// Requests in flight.
     pub fn in_flight(&self) -> u32 {
         self.in_flight

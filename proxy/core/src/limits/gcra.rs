@@ -148,6 +148,16 @@ impl Gcra {
         }
     }
 
+    /// `next` (a limiter with new settings) owing what this one owes at
+    /// `now`: the cells taken and not yet regained carry over, capped at
+    /// `next`'s burst, so changing a limit neither refills nor empties it.
+    #[must_use]
+    pub fn carry_into(&self, now: Timestamp, mut next: Gcra) -> Gcra {
+        let owed = (self.burst - self.available(now)).min(next.burst);
+        next.tat = next.units(now) + u128::from(owed) * next.units_per_cell;
+        next
+    }
+
     fn units(&self, now: Timestamp) -> u128 {
         u128::from(now.as_nanos()) * self.units_per_ns
     }

@@ -188,6 +188,16 @@ impl TenantLimiter {
         self.tokens.settle(now, reservation, used_tokens)
     }
 
+    /// Takes the settings of `next` (a new config's limiter) at `now`,
+    /// keeping what this one has used: requests and tokens taken and not yet
+    /// regained stay taken (capped at the new bursts), and requests in
+    /// flight stay in flight and are completed here as before.
+    pub fn reconfigure(&mut self, now: Timestamp, next: TenantLimiter) {
+        self.requests = self.requests.carry_into(now, next.requests);
+        self.tokens = self.tokens.carry_into(now, next.tokens);
+        self.concurrency = self.concurrency.resized(next.concurrency.max());
+    }
+
     /// Requests that could start at `now` by the request rate alone.
     pub fn available_requests(&self, now: Timestamp) -> u64 {
         self.requests.available(now)
@@ -210,6 +220,38 @@ mod tests {
 
     fn at_ms(ms: u64) -> Timestamp {
         Timestamp::from_nanos(ms * 1_000_000)
+    }
+
+    #[test]
+    fn reconfiguring_keeps_what_was_used_and_completes_old_requests() {
+        let mut l = TenantLimiter::new(10.0, 4, 6000, 3).unwrap();
+        let a = l.check(at_ms(0), 1000).unwrap();
+        let b = l.check(at_ms(0), 1000).unwrap();
+        let _c = l.check(at_ms(0), 1000).unwrap();
+        assert_eq!(l.available_requests(at_ms(0)), 1);
+        // Raise the burst to 10 and the tokens to 12k/min, lower concurrency to 2.
+        l.reconfigure(at_ms(0), TenantLimiter::new(10.0, 10, 12_000, 2).unwrap());
+        // Three requests stay used against the bigger burst: not refilled.
+        assert_eq!(l.available_requests(at_ms(0)), 7);
+        assert_eq!(l.available_tokens(at_ms(0)), 9000);
+        // Three in flight over a limit of two: nothing new passes.
+        assert_eq!(l.in_flight(), 3);
+        assert_eq!(
+            l.check(at_ms(0), 10).unwrap_err().kind,
+            LimitKind::Concurrency
+        );
+        // Requests admitted before the change complete into the new limits.
+        l.complete(at_ms(0), a, 100);
+        l.complete(at_ms(0), b, 100);
+        assert_eq!(l.in_flight(), 1);
+        assert_eq!(l.available_tokens(at_ms(0)), 9000 + 1800);
+        let _d = l.check(at_ms(0), 10).unwrap();
+        // Shrinking the burst below what is used leaves it empty, not negative.
+        l.reconfigure(at_ms(0), TenantLimiter::new(10.0, 2, 600, 2).unwrap());
+        assert_eq!(l.available_requests(at_ms(0)), 0);
+        assert_eq!(l.available_tokens(at_ms(0)), 0);
+        // ... and it refills at the new rate: 10/s is one request per 100 ms.
+        assert_eq!(l.available_requests(at_ms(100)), 1);
     }
 
     #[test]

@@ -45,6 +45,14 @@ impl TokenBudget {
         ))
     }
 
+    /// `next` (a budget with new settings) owing the tokens this one owes at `now`.
+    #[must_use]
+    pub fn carry_into(&self, now: Timestamp, next: TokenBudget) -> TokenBudget {
+        Self {
+            gcra: self.gcra.carry_into(now, next.gcra),
+        }
+    }
+
     /// Whether `tokens` could be reserved at `now`, without reserving them.
     pub fn check(&self, now: Timestamp, tokens: u64) -> Result<(), AcquireError> {
         self.gcra.check(now, tokens)

@@ -1,0 +1,245 @@
+//! The admin endpoint (`[listeners] admin`): plain HTTP/1.1 for the host's
+//! operator, on a unix socket (0600) or a loopback TCP address.
+//!
+//! - `GET /healthz`: workers alive and requests queued.
+//! - `GET /metrics`: every tenant's series (a tenant's own `/metrics` on
+//!   the API shows only its own).
+//! - `GET /tenants`: the tenants served now, with their weights and models.
+//! - `POST /reload`: re-reads the config ([`super::reload`]); 200 with what
+//!   changed, or 409 with why nothing did.
+//!
+//! It has no authentication of its own: whoever can reach it is the
+//! operator. So it listens only where only the operator can: a unix socket
+//! in a directory of theirs, or loopback.
+
+use super::reload::Reloader;
+use crate::{api::App, front::ResponseBody, transport::ShutdownSignal};
+use anyhow::Context as _;
+use bulkhead_core::config::AdminEndpoint;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use std::{convert::Infallible, path::Path, sync::Arc};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, UnixListener},
+};
+
+/// A bound admin endpoint.
+#[derive(Debug)]
+pub enum AdminListener {
+    /// On a unix socket.
+    Unix(UnixListener),
+    /// On a loopback TCP address.
+    Tcp(TcpListener),
+}
+
+impl AdminListener {
+    /// Binds `endpoint`: a unix socket (a stale one is replaced, a live one
+    /// refused) made 0600, or a TCP address that must be loopback.
+    pub async fn bind(endpoint: &AdminEndpoint) -> anyhow::Result<Self> {
+        match endpoint {
+            AdminEndpoint::Tcp(addr) => {
+                anyhow::ensure!(
+                    addr.ip().is_loopback(),
+                    "listeners.admin = {addr}: the admin endpoint has no authentication; \
+                     give it a loopback address or a unix socket path"
+                );
+                let l = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the admin endpoint {addr}"))?;
+                Ok(Self::Tcp(l))
+            }
+            AdminEndpoint::Unix(path) => Ok(Self::Unix(bind_unix(path)?)),
+        }
+    }
+
+    /// Serves requests until `shutdown`.
+    pub async fn serve(self, app: Arc<App>, reloader: Arc<Reloader>, mut shutdown: ShutdownSignal) {
+        loop {
+            let conn = tokio::select! {
+                () = shutdown.triggered() => return,
+                c = self.accept() => c,
+            };
+            match conn {
+                Ok(io) => {
+                    let (app, reloader) = (app.clone(), reloader.clone());
+                    tokio::spawn(async move {
+                        let service = service_fn(move |req| {
+                            let (app, reloader) = (app.clone(), reloader.clone());
+                            async move { Ok::<_, Infallible>(answer(&app, reloader, &req).await) }
+                        });
+                        if let Err(err) = http1::Builder::new().serve_connection(io, service).await
+                        {
+                            tracing::debug!("admin connection: {err}");
+                        }
+                    });
+                }
+                Err(err) => {
+                    tracing::warn!("admin accept failed: {err}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn accept(&self) -> std::io::Result<TokioIo<Box<dyn Io>>> {
+        let io: Box<dyn Io> = match self {
+            Self::Unix(l) => Box::new(l.accept().await?.0),
+            Self::Tcp(l) => Box::new(l.accept().await?.0),
+        };
+        Ok(TokioIo::new(io))
+    }
+}
+
+/// A stream of either listener.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if path.exists() {
+        anyhow::ensure!(
+            std::os::unix::net::UnixStream::connect(path).is_err(),
+            "{} is in use by a running bulkhead",
+            path.display()
+        );
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let l = UnixListener::bind(path)
+        .with_context(|| format!("binding the admin socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {} to its owner", path.display()))?;
+    Ok(l)
+}
+
+async fn answer(
+    app: &App,
+    reloader: Arc<Reloader>,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let json =
+        |status: StatusCode, v: serde_json::Value| reply(status, "application/json", v.to_string());
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => {
+            let r = app.health();
+            let body = match r.body {
+                ResponseBody::Full(b) => b,
+                ResponseBody::Stream(_) => Bytes::new(),
+            };
+            reply(r.status, "application/json", body)
+        }
+        (&Method::GET, "/metrics") => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            app.host_metrics(),
+        ),
+        (&Method::GET, "/tenants") => {
+            let config = app.config();
+            let tenants: Vec<_> = config
+                .tenants
+                .iter()
+                .map(|t| {
+                    json!({
+                        "id": t.id.as_str(), "weight": t.weight, "isolation": format!("{:?}", t.isolation).to_lowercase(),
+                        "allowed_models": t.allowed_models, "requests_per_second": t.requests_per_second,
+                        "tokens_per_minute": t.tokens_per_minute, "max_concurrent_requests": t.max_concurrent_requests,
+                    })
+                })
+                .collect();
+            json(StatusCode::OK, json!({ "tenants": tenants }))
+        }
+        (&Method::POST, "/reload") => {
+            // Reading files and writing kernel maps: off the async workers.
+            let result = tokio::task::spawn_blocking(move || reloader.reload()).await;
+            match result.unwrap_or_else(|panic| {
+                Err(super::reload::ReloadError::Tenants(anyhow::anyhow!(
+                    "the reload failed: {panic}"
+                )))
+            }) {
+                Ok(report) => {
+                    tracing::info!("config reloaded (admin)");
+                    json(StatusCode::OK, report.to_json())
+                }
+                Err(err) => {
+                    tracing::warn!("config reload refused (admin): {err}");
+                    json(
+                        StatusCode::CONFLICT,
+                        json!({"reloaded": false, "error": err.to_string()}),
+                    )
+                }
+            }
+        }
+        (_, "/healthz" | "/metrics" | "/tenants" | "/reload") => json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"error": format!("{} is not allowed on {}", req.method(), req.uri().path())}),
+        ),
+        (_, path) => json(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("unknown admin path {path}")}),
+        ),
+    }
+}
+
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+/// `bulkhead reload`: asks the admin endpoint of a running `serve` to
+/// reload, and returns its answer (the JSON body) or why it refused.
+pub async fn request_reload(endpoint: &AdminEndpoint) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let request = b"POST /reload HTTP/1.1\r\nHost: bulkhead-admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let mut raw = Vec::new();
+    match endpoint {
+        AdminEndpoint::Unix(path) => {
+            let mut s = tokio::net::UnixStream::connect(path)
+                .await
+                .with_context(|| format!("connecting to the admin socket {}", path.display()))?;
+            s.write_all(request).await?;
+            s.read_to_end(&mut raw).await?;
+        }
+        AdminEndpoint::Tcp(addr) => {
+            let mut s = tokio::net::TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connecting to the admin endpoint {addr}"))?;
+            s.write_all(request).await?;
+            s.read_to_end(&mut raw).await?;
+        }
+    }
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("the admin endpoint's answer is not HTTP")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .context("the admin endpoint's answer has no status")?;
+    let body = body.trim().to_owned();
+    if status == "200" {
+        Ok(body)
+    } else {
+        let why = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or(body);
+        anyhow::bail!("reload refused ({status}): {why}")
+    }
+}
