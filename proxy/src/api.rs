@@ -618,11 +618,7 @@ impl Run {
             return e.response();
         }
         self.app_metrics.request(Some(&self.tenant), 200);
-        ApiResponse::full(
-            StatusCode::OK,
-            "application/json",
-            self.whole(id, &out).to_string(),
-        )
+        ApiResponse::full(StatusCode::OK, "application/json", self.whole(id, &out))
     }
 
     /// Server-sent events as tokens come; the task owns the ticket and the reservation.
@@ -674,7 +670,7 @@ impl Run {
                             let _ = tx.send(self.delta(&id, &tail, !sent_role, None)).await;
                         }
                         let _ = tx.send(self.delta(&id, "", false, Some(f.reason))).await;
-                        let _ = tx.send(sse(&self.usage_chunk(&id, usage))).await;
+                        let _ = tx.send(self.usage_chunk(&id, usage)).await;
                         let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
                         metrics.tokens(&self.tenant, u64::from(usage.0), u64::from(usage.1));
                         metrics.request(Some(&self.tenant), 200);
@@ -730,47 +726,160 @@ impl Run {
         }
     }
 
-    fn whole(&self, id: &str, out: &Outcome) -> Value {
-        let reason = out.reason.map_or("stop", FinishReason::as_openai_str);
+    /// The whole answer's JSON.
+    fn whole(&self, id: &str, out: &Outcome) -> Vec<u8> {
+        let reason = Some(out.reason.map_or("stop", FinishReason::as_openai_str));
         let choice = match self.kind {
-            Kind::Chat => {
-                json!({"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": null, "finish_reason": reason})
-            }
-            Kind::Text => {
-                json!({"index": 0, "text": out.text, "logprobs": null, "finish_reason": reason})
-            }
+            Kind::Chat => Choice::Message {
+                index: 0,
+                message: Message {
+                    role: "assistant",
+                    content: &out.text,
+                },
+                logprobs: (),
+                finish_reason: reason,
+            },
+            Kind::Text => Choice::Text {
+                index: 0,
+                text: &out.text,
+                logprobs: (),
+                finish_reason: reason,
+            },
         };
-        json!({
-            "id": id, "object": self.object(false), "created": self.created, "model": self.model,
-            "choices": [choice],
-            "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.output_tokens, "total_tokens": out.prompt_tokens + out.output_tokens},
-        })
-    }
-
-    fn delta(&self, id: &str, text: &str, role: bool, reason: Option<FinishReason>) -> Bytes {
-        let reason = reason.map(FinishReason::as_openai_str);
-        let choice = match self.kind {
-            Kind::Chat => {
-                let delta = match (role, reason) {
-                    (_, Some(_)) => json!({}),
-                    (true, None) => json!({"role": "assistant", "content": text}),
-                    (false, None) => json!({"content": text}),
-                };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason})
-            }
-            Kind::Text => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason})
-            }
-        };
-        sse(
-            &json!({"id": id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [choice]}),
+        self.body(
+            id,
+            false,
+            &[choice],
+            Some(Usage::of(out.prompt_tokens, out.output_tokens)),
         )
     }
 
-    fn usage_chunk(&self, id: &str, (p, o): (u32, u32)) -> Value {
-        json!({"id": id, "object": self.object(true), "created": self.created, "model": self.model, "choices": [],
-               "usage": {"prompt_tokens": p, "completion_tokens": o, "total_tokens": p + o}})
+    /// One streamed chunk of `text` (with the role on the first), or the
+    /// last one with its finish reason.
+    fn delta(&self, id: &str, text: &str, role: bool, reason: Option<FinishReason>) -> Bytes {
+        let finish_reason = reason.map(FinishReason::as_openai_str);
+        let choice = match self.kind {
+            Kind::Chat => Choice::Delta {
+                index: 0,
+                delta: match (role, reason) {
+                    (_, Some(_)) => Delta::default(),
+                    (true, None) => Delta {
+                        role: Some("assistant"),
+                        content: Some(text),
+                    },
+                    (false, None) => Delta {
+                        role: None,
+                        content: Some(text),
+                    },
+                },
+                logprobs: (),
+                finish_reason,
+            },
+            Kind::Text => Choice::Text {
+                index: 0,
+                text,
+                logprobs: (),
+                finish_reason,
+            },
+        };
+        sse_bytes(&self.body(id, true, &[choice], None))
     }
+
+    /// The streamed `usage` chunk (no choices).
+    fn usage_chunk(&self, id: &str, (p, o): (u32, u32)) -> Bytes {
+        sse_bytes(&self.body(id, true, &[], Some(Usage::of(p, o))))
+    }
+
+    fn body(&self, id: &str, chunk: bool, choices: &[Choice<'_>], usage: Option<Usage>) -> Vec<u8> {
+        serde_json::to_vec(&Completion {
+            id,
+            object: self.object(chunk),
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage,
+        })
+        .expect("plain structs serialize")
+    }
+}
+
+/// A completion (or one chunk of it) as OpenAI's API writes it.
+#[derive(serde::Serialize)]
+struct Completion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: &'a [Choice<'a>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Choice<'a> {
+    Message {
+        index: u32,
+        message: Message<'a>,
+        logprobs: (),
+        finish_reason: Option<&'static str>,
+    },
+    Delta {
+        index: u32,
+        delta: Delta<'a>,
+        logprobs: (),
+        finish_reason: Option<&'static str>,
+    },
+    Text {
+        index: u32,
+        text: &'a str,
+        logprobs: (),
+        finish_reason: Option<&'static str>,
+    },
+}
+
+#[derive(serde::Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Default, serde::Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+#[expect(
+    clippy::struct_field_names,
+    reason = "OpenAI's field names, serialized as they are"
+)]
+struct Usage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u32,
+}
+
+impl Usage {
+    fn of(prompt: u32, output: u32) -> Self {
+        Self {
+            prompt_tokens: prompt,
+            completion_tokens: output,
+            total_tokens: prompt + output,
+        }
+    }
+}
+
+/// `data: <json>\n\n`.
+fn sse_bytes(json: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(json.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
 }
 
 /// Gives a streaming request's limiter reservation back when the stream

@@ -76,6 +76,8 @@ fn body() -> Bytes {
 struct Latency {
     proxy: Vec<Duration>,
     direct: Vec<Duration>,
+    /// `GET /healthz` through the proxy: HTTP/3 and the handler, no dispatch.
+    floor: Vec<Duration>,
 }
 
 async fn measure(opts: &ProxyOptions) -> anyhow::Result<String> {
@@ -190,7 +192,9 @@ async fn added_latency(
     let mut out = Latency {
         proxy: Vec::new(),
         direct: Vec::new(),
+        floor: Vec::new(),
     };
+    let health = client.request("/healthz");
     let mut send = client.send.clone();
     let request = client.request("/v1/chat/completions");
     let end = Instant::now() + time;
@@ -210,6 +214,19 @@ async fn added_latency(
             anyhow::ensure!(status == http::StatusCode::OK, "status {status}");
             if counted {
                 out.proxy.push(took);
+            }
+            let mut r = http::Request::new(());
+            r.uri_mut().clone_from(health.uri());
+            r.headers_mut().clone_from(health.headers());
+            let t0 = Instant::now();
+            let mut stream = send.send_request(r).await?;
+            stream.finish().await?;
+            let status = stream.recv_response().await?.status();
+            drain(&mut stream).await?;
+            let took = t0.elapsed();
+            anyhow::ensure!(status == http::StatusCode::OK, "healthz status {status}");
+            if counted {
+                out.floor.push(took);
             }
         }
         let submits: Vec<Submit> = (0..ROUND)
@@ -256,6 +273,7 @@ async fn added_latency(
     }
     out.proxy.sort_unstable();
     out.direct.sort_unstable();
+    out.floor.sort_unstable();
     Ok(out)
 }
 
@@ -382,6 +400,13 @@ fn report(
         ),
         us(p(&latency.direct, 50.0)),
         us(p(&latency.direct, 99.0))
+    );
+    let _ = writeln!(
+        out,
+        "{:<58} {:>14} {:>14}",
+        "  of which HTTP/3 alone: GET /healthz p50 / p99",
+        us(p(&latency.floor, 50.0)),
+        us(p(&latency.floor, 99.0))
     );
     let _ = writeln!(
         out,
