@@ -232,6 +232,11 @@ impl App {
         &self.metrics
     }
 
+    /// The workers, for the admin endpoint.
+    pub fn workers(&self) -> Vec<crate::dispatch::WorkerView> {
+        self.dispatcher.worker_views()
+    }
+
     /// Every tenant's metrics and kernel counters, for the admin endpoint.
     pub fn host_metrics(&self) -> String {
         self.metrics.render(None, &self.kernel_counts())

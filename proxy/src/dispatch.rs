@@ -68,6 +68,21 @@ pub enum QueuePolicy {
     Fifo,
 }
 
+/// One worker as the dispatcher sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerView {
+    /// Its id.
+    pub id: u32,
+    /// Whether its connection is up.
+    pub alive: bool,
+    /// The tenant it serves alone, if any.
+    pub dedicated: Option<TenantId>,
+    /// Requests dispatched to it and not finished.
+    pub running: u32,
+    /// Its last capacity report: free slots, free KV blocks, blocks per tenant.
+    pub capacity: Option<bulkhead_core::wire::Capacity>,
+}
+
 /// The dispatcher: cheap to clone, shared by every request.
 #[derive(Clone, Debug)]
 pub struct Dispatcher {
@@ -132,6 +147,11 @@ impl Dispatcher {
     /// Per worker: (id, alive, requests running on it).
     pub fn workers(&self) -> Vec<(u32, bool, u32)> {
         self.shared.lock().workers_summary()
+    }
+
+    /// Every worker's state and its last capacity report (for the operator).
+    pub fn worker_views(&self) -> Vec<WorkerView> {
+        self.shared.lock().worker_views()
     }
 
     /// Requests of `tenant` waiting in its fair queue.

@@ -5,8 +5,8 @@ use bulkhead_core::{
     TenantId,
     fair_queue::{FairQueue, QueueHandle, ServiceWeights},
     wire::{
-        Finished, ProxyToWorker, Rejected, RequestId, Sampling, Submit, Violation, WorkerInfo,
-        WorkerToProxy,
+        Capacity, Finished, ProxyToWorker, Rejected, RequestId, Sampling, Submit, Violation,
+        WorkerInfo, WorkerToProxy,
     },
 };
 use std::{
@@ -145,6 +145,8 @@ struct WorkerState {
     tx: Option<mpsc::UnboundedSender<ProxyToWorker>>,
     info: Option<WorkerInfo>,
     running: BTreeMap<RequestId, TenantId>,
+    /// The worker's last capacity report.
+    capacity: Option<Capacity>,
 }
 
 /// Everything the dispatcher knows.
@@ -212,6 +214,7 @@ impl State {
                     tx: None,
                     info: None,
                     running: BTreeMap::new(),
+                    capacity: None,
                 })
                 .collect(),
             requests: HashMap::new(),
@@ -479,6 +482,7 @@ impl State {
     pub fn worker_down(&mut self, index: usize, why: &str) {
         let w = &mut self.workers[index];
         w.tx = None;
+        w.capacity = None;
         let lost: Vec<RequestId> = std::mem::take(&mut w.running).into_keys().collect();
         let message = format!("worker {} failed: {why}; the request was lost", w.id);
         for id in lost {
@@ -536,7 +540,8 @@ impl State {
                 }
                 self.pump();
             }
-            WorkerToProxy::Capacity(_) | WorkerToProxy::Hello(_) => {}
+            WorkerToProxy::Capacity(c) => self.workers[index].capacity = Some(c),
+            WorkerToProxy::Hello(_) => {}
         }
     }
 
@@ -555,6 +560,19 @@ impl State {
                     w.tx.is_some(),
                     u32::try_from(w.running.len()).unwrap_or(u32::MAX),
                 )
+            })
+            .collect()
+    }
+
+    pub fn worker_views(&self) -> Vec<super::WorkerView> {
+        self.workers
+            .iter()
+            .map(|w| super::WorkerView {
+                id: w.id,
+                alive: w.tx.is_some(),
+                dedicated: w.group.clone(),
+                running: u32::try_from(w.running.len()).unwrap_or(u32::MAX),
+                capacity: w.capacity.clone(),
             })
             .collect()
     }

@@ -5,6 +5,8 @@
 //! - `GET /metrics`: every tenant's series (a tenant's own `/metrics` on
 //!   the API shows only its own).
 //! - `GET /tenants`: the tenants served now, with their weights and models.
+//! - `GET /workers`: each worker's state, requests running, free slots and
+//!   KV blocks, and the blocks each tenant holds on it.
 //! - `POST /reload`: re-reads the config ([`super::reload`]); 200 with what
 //!   changed, or 409 with why nothing did.
 //!
@@ -156,6 +158,33 @@ async fn answer(
                 .collect();
             json(StatusCode::OK, json!({ "tenants": tenants }))
         }
+        (&Method::GET, "/workers") => {
+            let workers: Vec<_> = app
+                .workers()
+                .into_iter()
+                .map(|w| {
+                    let capacity = w.capacity.map(|c| {
+                        let tenants: serde_json::Map<String, serde_json::Value> = c
+                            .per_tenant
+                            .iter()
+                            .map(|t| {
+                                (
+                                    t.tenant.to_string(),
+                                    json!({"used_blocks": t.used_blocks, "quota": t.quota}),
+                                )
+                            })
+                            .collect();
+                        json!({"free_slots": c.free_slots, "free_blocks": c.free_blocks, "tenants": tenants})
+                    });
+                    json!({
+                        "id": w.id, "alive": w.alive, "running": w.running,
+                        "dedicated": w.dedicated.as_ref().map(bulkhead_core::TenantId::as_str),
+                        "capacity": capacity,
+                    })
+                })
+                .collect();
+            json(StatusCode::OK, json!({ "workers": workers }))
+        }
         (&Method::POST, "/reload") => {
             // Reading files and writing kernel maps: off the async workers.
             let result = tokio::task::spawn_blocking(move || reloader.reload()).await;
@@ -177,7 +206,7 @@ async fn answer(
                 }
             }
         }
-        (_, "/healthz" | "/metrics" | "/tenants" | "/reload") => json(
+        (_, "/healthz" | "/metrics" | "/tenants" | "/workers" | "/reload") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             json!({"error": format!("{} is not allowed on {}", req.method(), req.uri().path())}),
         ),
