@@ -286,7 +286,10 @@ impl App {
             Some(v) => Some(
                 v.to_str()
                     .ok()
-                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .and_then(|v| v.split_once(' '))
+                    // The scheme is case-insensitive (RFC 9110 §11.1).
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                    .map(|(_, key)| key.trim_start())
                     .ok_or_else(|| {
                         unauthorized("the Authorization header must be `Bearer <key>`".to_owned())
                     })?,

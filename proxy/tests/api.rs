@@ -260,12 +260,22 @@ async fn refusals_have_honest_statuses_and_openai_bodies() {
         StatusCode::FORBIDDEN,
         "globex's key on acme's certificate"
     );
-    let mut own = chat("acme", ok.clone());
-    own.headers.insert(
+    // The scheme is case-insensitive; a header of another scheme is a 401.
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let mut own = chat("acme", ok.clone());
+        own.headers.insert(
+            "authorization",
+            HeaderValue::from_str(&format!("{scheme} {ACME_KEY}")).unwrap(),
+        );
+        assert_eq!(app.handle(own).await.status, StatusCode::OK, "{scheme}");
+    }
+    let mut basic = chat("acme", ok.clone());
+    basic.headers.insert(
         "authorization",
-        HeaderValue::from_str(&format!("Bearer {ACME_KEY}")).unwrap(),
+        HeaderValue::from_static("Basic YWNtZTpwdw=="),
     );
-    assert_eq!(app.handle(own).await.status, StatusCode::OK);
+    let (s, _, _) = error_of(&app, basic).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
 
     let (s, _, b) = error_of(
         &app,

@@ -15,18 +15,33 @@ use tokio::{
 /// How long a started worker may take to listen and say hello.
 const START_TIMEOUT: Duration = Duration::from_mins(1);
 
+/// The longest wait before restarting a worker that keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A worker that ran this long was healthy: its next restart waits the base time again.
+const HEALTHY_RUN: Duration = Duration::from_mins(1);
+
 /// Runs worker `index` for the life of the process.
 pub async fn run(shared: Arc<Shared>, index: usize, spec: WorkerSpec, backoff: Duration) {
+    let mut wait = Duration::ZERO;
     loop {
+        let started = tokio::time::Instant::now();
         let why = match session(&shared, index, &spec).await {
             Ok(why) | Err(why) => why,
         };
-        tracing::warn!(
-            "worker {} is down: {why}; restarting in {backoff:?}",
-            spec.id
-        );
+        wait = next_wait(wait, backoff, started.elapsed());
+        tracing::warn!("worker {} is down: {why}; restarting in {wait:?}", spec.id);
         shared.lock().worker_down(index, &why);
-        tokio::time::sleep(backoff).await;
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The wait before the next restart: `base` after a healthy run, doubling
+/// (up to [`MAX_BACKOFF`]) while the worker keeps failing soon after start.
+fn next_wait(previous: Duration, base: Duration, lived: Duration) -> Duration {
+    if lived >= HEALTHY_RUN || previous.is_zero() {
+        base
+    } else {
+        (previous * 2).min(MAX_BACKOFF.max(base))
     }
 }
 
@@ -177,5 +192,27 @@ async fn wait_child(child: Option<&mut Child>) -> String {
             .await
             .map_or_else(|e| e.to_string(), |s| s.to_string()),
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_while_failing_and_reset_after_a_healthy_run() {
+        let base = Duration::from_millis(500);
+        let quick = Duration::from_millis(10);
+        let mut wait = Duration::ZERO;
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            wait = next_wait(wait, base, quick);
+            waits.push(wait.as_millis());
+        }
+        assert_eq!(
+            waits,
+            [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        );
+        assert_eq!(next_wait(wait, base, HEALTHY_RUN), base);
     }
 }
