@@ -47,6 +47,8 @@ pub struct Config {
     pub scheduler: SchedulerWeights,
     /// Kernel (eBPF) enforcement.
     pub ebpf: EbpfSettings,
+    /// The audit log.
+    pub audit: AuditSettings,
     /// Models this host serves, in file order; names are unique.
     pub models: Vec<ModelSpec>,
     /// Tenants, in file order; ids are unique and there is at least one.
@@ -120,6 +122,30 @@ pub struct EbpfSettings {
     pub unknown_source_packets_per_second: u64,
     /// Burst of that budget, in packets (default 500).
     pub unknown_source_packet_burst: u64,
+}
+
+/// The audit log (`[audit]`): where the sealed per-tenant partitions live,
+/// the master key they are sealed under, and when segments rotate and expire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditSettings {
+    /// Directory of the partitions (default `/var/lib/bulkhead/audit`).
+    pub dir: PathBuf,
+    /// The 32-byte master key, hex (default `/etc/bulkhead/audit.key`);
+    /// `bulkhead audit keygen` writes one.
+    pub key_file: PathBuf,
+    /// A segment is closed at this size, in bytes (default 64 MiB).
+    pub segment_max_bytes: u64,
+    /// ... or this age, in seconds (default 3600).
+    pub segment_max_age_secs: u64,
+    /// Oldest segments are deleted past this size per partition, in bytes
+    /// (default none). A partition's newest segment is never deleted.
+    pub retention_max_bytes: Option<u64>,
+    /// ... or past this age, in days (default none).
+    pub retention_days: Option<u64>,
+    /// Records the ring between requests and the writer holds (default 65536).
+    pub ring_capacity: u32,
+    /// A unix socket streaming new records to `bulkhead audit tail` (default none).
+    pub tail_socket: Option<PathBuf>,
 }
 
 /// Whether kernel enforcement is required, attempted, or off.

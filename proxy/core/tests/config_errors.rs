@@ -398,3 +398,19 @@ fn every_problem_is_reported_at_once_in_file_order() {
         ]
     );
 }
+
+#[test]
+fn audit_settings_out_of_range_are_each_named() {
+    let src = format!(
+        "{}[audit]\nsegment_max_bytes = 100\nring_capacity = 0\ntail_socket = \"audit.sock\"\n",
+        with_tenants(ALICE)
+    );
+    assert_eq!(
+        problems(&src),
+        [
+            "audit.segment_max_bytes (line 24): segment_max_bytes must be at least 4096, got 100",
+            "audit.ring_capacity (line 25): ring_capacity must be a positive integer, got 0",
+            "audit.tail_socket (line 26): tail_socket must be an absolute path, got \"audit.sock\"",
+        ]
+    );
+}

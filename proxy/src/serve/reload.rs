@@ -189,6 +189,9 @@ pub fn restart_needed(
     if current.ebpf.mode != next.ebpf.mode {
         out.push("[ebpf] mode changed".to_owned());
     }
+    if current.audit != next.audit {
+        out.push("[audit] changed".to_owned());
+    }
     if current.models != next.models {
         out.push("[[models]] changed".to_owned());
     }

@@ -16,13 +16,14 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 pub(super) const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
 
 /// Top-level keys, in the order the docs present them.
-const TOP_LEVEL_KEYS: [&str; 8] = [
+const TOP_LEVEL_KEYS: [&str; 9] = [
     "trust_domain",
     "listeners",
     "tls",
     "kv",
     "scheduler",
     "ebpf",
+    "audit",
     "models",
     "tenants",
 ];
@@ -36,6 +37,7 @@ pub(super) struct RawConfig {
     pub kv: Option<RawKv>,
     pub scheduler: Option<RawScheduler>,
     pub ebpf: Option<RawEbpf>,
+    pub audit: Option<RawAudit>,
     /// One entry per `[[models]]` table; `None` for one that failed to deserialize.
     pub models: Option<Vec<Option<RawModel>>>,
     /// One entry per `[[tenants]]` table; `None` for one that failed to deserialize.
@@ -121,6 +123,59 @@ impl Default for RawEbpf {
             unknown_source_packet_burst: default_unknown_burst(),
         }
     }
+}
+
+/// `[audit]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an [audit] table")]
+pub(super) struct RawAudit {
+    #[serde(default = "default_audit_dir")]
+    pub dir: String,
+    #[serde(default = "default_audit_key_file")]
+    pub key_file: String,
+    #[serde(default = "default_segment_bytes")]
+    pub segment_max_bytes: i64,
+    #[serde(default = "default_segment_age")]
+    pub segment_max_age_secs: i64,
+    #[serde(default)]
+    pub retention_max_bytes: Option<i64>,
+    #[serde(default)]
+    pub retention_days: Option<i64>,
+    #[serde(default = "default_ring_capacity")]
+    pub ring_capacity: i64,
+    #[serde(default)]
+    pub tail_socket: Option<String>,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        Self {
+            dir: default_audit_dir(),
+            key_file: default_audit_key_file(),
+            segment_max_bytes: default_segment_bytes(),
+            segment_max_age_secs: default_segment_age(),
+            retention_max_bytes: None,
+            retention_days: None,
+            ring_capacity: default_ring_capacity(),
+            tail_socket: None,
+        }
+    }
+}
+
+fn default_audit_dir() -> String {
+    "/var/lib/bulkhead/audit".to_owned()
+}
+fn default_audit_key_file() -> String {
+    "/etc/bulkhead/audit.key".to_owned()
+}
+fn default_segment_bytes() -> i64 {
+    64 << 20
+}
+fn default_segment_age() -> i64 {
+    3600
+}
+fn default_ring_capacity() -> i64 {
+    65_536
 }
 
 /// One `[[models]]` table.
@@ -256,6 +311,7 @@ impl RawConfig {
                 "kv" => raw.kv = section(value, name, map, errors),
                 "scheduler" => raw.scheduler = section(value, name, map, errors),
                 "ebpf" => raw.ebpf = section(value, name, map, errors),
+                "audit" => raw.audit = section(value, name, map, errors),
                 "models" => raw.models = array_of_tables(value, name, map, errors),
                 "tenants" => raw.tenants = array_of_tables(value, name, map, errors),
                 _ => {

@@ -1,11 +1,13 @@
 //! Validation of the host-wide sections: raw serde structs in, typed [`Config`] or every problem out.
 
-use super::raw::{RawConfig, RawEbpf, RawKv, RawListeners, RawModel, RawScheduler, RawTls};
+use super::raw::{
+    RawAudit, RawConfig, RawEbpf, RawKv, RawListeners, RawModel, RawScheduler, RawTls,
+};
 use super::source::SourceMap;
 use super::tenants;
 use super::{
-    AdminEndpoint, Config, ConfigError, ConfigErrors, EbpfSettings, KvPool, Listeners, ModelSpec,
-    SchedulerWeights, TlsPaths,
+    AdminEndpoint, AuditSettings, Config, ConfigError, ConfigErrors, EbpfSettings, KvPool,
+    Listeners, ModelSpec, SchedulerWeights, TlsPaths,
 };
 use crate::identity::TrustDomain;
 use std::collections::HashMap;
@@ -101,6 +103,7 @@ pub(super) fn validate(
     };
     let scheduler = scheduler(&mut c, &raw.scheduler.unwrap_or_default());
     let ebpf = ebpf(&mut c, &raw.ebpf.unwrap_or_default());
+    let audit = audit(&mut c, raw.audit.unwrap_or_default());
     // Tenants are checked against the model names only if every model could be read.
     let model_names: Option<Vec<String>> = raw.models.as_ref().and_then(|models| {
         models
@@ -133,6 +136,7 @@ pub(super) fn validate(
         Some(kv),
         Some(scheduler),
         Some(ebpf),
+        Some(audit),
         Some(models),
         Some(tenants),
     ) = (
@@ -142,6 +146,7 @@ pub(super) fn validate(
         kv,
         scheduler,
         ebpf,
+        audit,
         models,
         tenants,
     ) && errors.is_empty()
@@ -153,6 +158,7 @@ pub(super) fn validate(
             kv,
             scheduler,
             ebpf,
+            audit,
             models,
             tenants,
         });
@@ -305,6 +311,53 @@ fn ebpf(c: &mut Checker<'_>, raw: &RawEbpf) -> Option<EbpfSettings> {
         mode: raw.mode,
         unknown_source_packets_per_second: pps?,
         unknown_source_packet_burst: burst?,
+    })
+}
+
+fn audit(c: &mut Checker<'_>, raw: RawAudit) -> Option<AuditSettings> {
+    let dir = c.file_path("audit.dir".to_owned(), "dir", raw.dir);
+    let key_file = c.file_path("audit.key_file".to_owned(), "key_file", raw.key_file);
+    let segment_max_bytes = c.positive_u64("audit", "segment_max_bytes", raw.segment_max_bytes);
+    if segment_max_bytes.is_some_and(|b| b < 4096) {
+        c.report(
+            "audit.segment_max_bytes".to_owned(),
+            format!(
+                "segment_max_bytes must be at least 4096, got {}",
+                raw.segment_max_bytes
+            ),
+        );
+    }
+    let age = c.positive_u64("audit", "segment_max_age_secs", raw.segment_max_age_secs);
+    let retention_max_bytes = raw
+        .retention_max_bytes
+        .map(|b| c.positive_u64("audit", "retention_max_bytes", b));
+    let retention_days = raw
+        .retention_days
+        .map(|d| c.positive_u64("audit", "retention_days", d));
+    let ring_capacity = c.positive_u32("audit", "ring_capacity", raw.ring_capacity);
+    let tail_socket = match raw.tail_socket {
+        Some(path) if !path.starts_with('/') => {
+            c.report(
+                "audit.tail_socket".to_owned(),
+                format!("tail_socket must be an absolute path, got {path:?}"),
+            );
+            return None;
+        }
+        Some(path) => Some(PathBuf::from(path)),
+        None => None,
+    };
+    if segment_max_bytes.is_some_and(|b| b < 4096) {
+        return None;
+    }
+    Some(AuditSettings {
+        dir: dir?,
+        key_file: key_file?,
+        segment_max_bytes: segment_max_bytes?,
+        segment_max_age_secs: age?,
+        retention_max_bytes: retention_max_bytes.map(|b| b.ok_or(())).transpose().ok()?,
+        retention_days: retention_days.map(|d| d.ok_or(())).transpose().ok()?,
+        ring_capacity: ring_capacity?,
+        tail_socket,
     })
 }
 
