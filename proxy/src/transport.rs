@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::watch;
 
-pub use self::flows::{FlowGuard, FlowRegistry, FlowTransport};
+pub use self::flows::{FlowGuard, FlowRegistry, FlowTransport, Refusal, RefusalSink};
 pub use self::quic::{QuicError, QuicServer, QuicTlsHandle, SocketBuffers};
 pub use self::tcp::{TcpServer, TcpTlsHandle};
 

@@ -80,3 +80,42 @@ impl Drop for FlowGuard {
         self.registry.unregister(self.remote, self.transport);
     }
 }
+
+/// Why a connection was refused (for the audit log).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The TLS handshake failed: no client certificate, an untrusted CA,
+    /// a protocol the server does not speak, ...
+    Handshake(String),
+    /// The handshake did not finish in time.
+    HandshakeTimeout,
+    /// The certificate is trusted but names no tenant of this trust domain.
+    NoTenant(String),
+    /// The tenant already holds its most connections.
+    OverLimit,
+}
+
+impl Refusal {
+    /// A short code: `handshake`, `handshake_timeout`, `no_tenant`, `over_limit`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Handshake(_) => "handshake",
+            Self::HandshakeTimeout => "handshake_timeout",
+            Self::NoTenant(_) => "no_tenant",
+            Self::OverLimit => "over_limit",
+        }
+    }
+}
+
+/// Where refused connections are reported (the audit log).
+pub trait RefusalSink: Send + Sync + 'static {
+    /// A connection from `remote` was refused; `tenant` where the
+    /// certificate named one.
+    fn refused(
+        &self,
+        remote: SocketAddr,
+        transport: FlowTransport,
+        tenant: Option<&TenantId>,
+        why: &Refusal,
+    );
+}

@@ -11,9 +11,9 @@
 //! `Connection::remote_address()` when the request arrives.
 
 use super::{
-    ConnectionPermit, FlowGuard, FlowRegistry, FlowTransport, ShutdownSignal, TenantConnections,
-    TransportLimits, content_length, declared_too_large, strip_framing_headers, too_large,
-    too_many_connections,
+    ConnectionPermit, FlowGuard, FlowRegistry, FlowTransport, RefusalSink, ShutdownSignal,
+    TenantConnections, TransportLimits, content_length, declared_too_large, strip_framing_headers,
+    too_large, too_many_connections,
 };
 use crate::front::{
     ApiRequest, ApiResponse, Handler, MAX_BODY_BYTES, Peer, Protocol, ResponseBody,
@@ -80,6 +80,7 @@ pub struct QuicServer {
     buffers: SocketBuffers,
     counters: Arc<QuicCounters>,
     flows: Option<Arc<dyn FlowRegistry>>,
+    refusals: Option<Arc<dyn RefusalSink>>,
 }
 
 impl QuicServer {
@@ -122,6 +123,7 @@ impl QuicServer {
             buffers,
             counters: Arc::default(),
             flows: None,
+            refusals: None,
         })
     }
 
@@ -155,6 +157,13 @@ impl QuicServer {
         self
     }
 
+    /// Reports each refused connection to `refusals` (the audit log).
+    #[must_use]
+    pub fn with_refusals(mut self, refusals: Arc<dyn RefusalSink>) -> Self {
+        self.refusals = Some(refusals);
+        self
+    }
+
     /// Registers each attributed connection's address in `flows` (the kernel's flow map).
     #[must_use]
     pub fn with_flows(mut self, flows: Arc<dyn FlowRegistry>) -> Self {
@@ -175,6 +184,7 @@ impl QuicServer {
             connections: self.connections,
             counters: self.counters,
             flows: self.flows,
+            refusals: self.refusals,
         });
         let handshakes = Arc::new(AtomicUsize::new(0));
         let mut tasks = JoinSet::new();
@@ -278,6 +288,7 @@ struct Shared<H> {
     connections: Arc<TenantConnections>,
     counters: Arc<QuicCounters>,
     flows: Option<Arc<dyn FlowRegistry>>,
+    refusals: Option<Arc<dyn RefusalSink>>,
 }
 
 /// How often a connection's remote address is checked for a migration.
@@ -310,6 +321,7 @@ async fn connection<H: Handler>(
                 .handshakes_failed
                 .fetch_add(1, Ordering::Relaxed);
             debug!(%remote, %error, "QUIC handshake refused");
+            shared.refuse(remote, None, &super::Refusal::Handshake(error.to_string()));
             return;
         }
         Err(_) => {
@@ -318,14 +330,20 @@ async fn connection<H: Handler>(
                 .handshakes_failed
                 .fetch_add(1, Ordering::Relaxed);
             debug!(%remote, "QUIC handshake timed out");
+            shared.refuse(remote, None, &super::Refusal::HandshakeTimeout);
             return;
         }
     };
     drop(guard);
     let tenant = tenant_of_connection(&conn, &shared.trust_domain);
     let permit = shared.connections.try_acquire(tenant.as_ref().ok());
-    if permit.is_none() {
-        debug!(%remote, tenant = ?tenant.as_ref().ok(), "connection over its tenant's limit");
+    match &tenant {
+        Err(why) => shared.refuse(remote, None, &super::Refusal::NoTenant(why.to_string())),
+        Ok(t) if permit.is_none() => {
+            debug!(%remote, tenant = %t, "connection over its tenant's limit");
+            shared.refuse(remote, Some(t), &super::Refusal::OverLimit);
+        }
+        Ok(_) => {}
     }
     let mut h3 = match h3::server::builder()
         .build(h3_quinn::Connection::new(conn.clone()))
@@ -506,5 +524,19 @@ async fn send_response(
     }
     if let Err(error) = send.finish().await {
         debug!(%error, "HTTP/3 response not finished");
+    }
+}
+
+impl<H> Shared<H> {
+    /// Reports a refused connection, if anyone listens.
+    fn refuse(
+        &self,
+        remote: SocketAddr,
+        tenant: Option<&bulkhead_core::TenantId>,
+        why: &super::Refusal,
+    ) {
+        if let Some(sink) = &self.refusals {
+            sink.refused(remote, super::FlowTransport::Udp, tenant, why);
+        }
     }
 }

@@ -3,9 +3,9 @@
 //! no HTTP/3; every response advertises the QUIC listener with `alt-svc`.
 
 use super::{
-    ConnectionPermit, FlowGuard, FlowRegistry, FlowTransport, ShutdownSignal, TenantConnections,
-    TransportLimits, content_length, declared_too_large, strip_framing_headers, too_large,
-    too_many_connections,
+    ConnectionPermit, FlowGuard, FlowRegistry, FlowTransport, RefusalSink, ShutdownSignal,
+    TenantConnections, TransportLimits, content_length, declared_too_large, strip_framing_headers,
+    too_large, too_many_connections,
 };
 use crate::front::{
     ApiRequest, ApiResponse, Handler, MAX_BODY_BYTES, Peer, Protocol, ResponseBody,
@@ -39,6 +39,7 @@ pub struct TcpServer {
     connections: Arc<TenantConnections>,
     alt_svc: Option<HeaderValue>,
     flows: Option<Arc<dyn FlowRegistry>>,
+    refusals: Option<Arc<dyn RefusalSink>>,
 }
 
 impl TcpServer {
@@ -60,6 +61,7 @@ impl TcpServer {
             connections: TenantConnections::new(limits.max_connections_per_tenant),
             alt_svc: None,
             flows: None,
+            refusals: None,
         })
     }
 
@@ -87,6 +89,13 @@ impl TcpServer {
         self
     }
 
+    /// Reports each refused connection to `refusals` (the audit log).
+    #[must_use]
+    pub fn with_refusals(mut self, refusals: Arc<dyn RefusalSink>) -> Self {
+        self.refusals = Some(refusals);
+        self
+    }
+
     /// Registers each attributed connection's address in `flows` (the kernel's flow map).
     #[must_use]
     pub fn with_flows(mut self, flows: Arc<dyn FlowRegistry>) -> Self {
@@ -107,6 +116,7 @@ impl TcpServer {
             connections: self.connections,
             alt_svc: self.alt_svc,
             flows: self.flows,
+            refusals: self.refusals,
         });
         let mut tasks = JoinSet::new();
         loop {
@@ -169,6 +179,7 @@ struct Shared<H> {
     connections: Arc<TenantConnections>,
     alt_svc: Option<HeaderValue>,
     flows: Option<Arc<dyn FlowRegistry>>,
+    refusals: Option<Arc<dyn RefusalSink>>,
 }
 
 /// One connection: handshake, attribute, serve until closed or shut down.
@@ -190,10 +201,12 @@ async fn connection<H: Handler>(
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
             debug!(%remote, %error, "TLS handshake refused");
+            shared.refuse(remote, None, &super::Refusal::Handshake(error.to_string()));
             return;
         }
         Err(_) => {
             debug!(%remote, "TLS handshake timed out");
+            shared.refuse(remote, None, &super::Refusal::HandshakeTimeout);
             return;
         }
     };
@@ -201,8 +214,13 @@ async fn connection<H: Handler>(
     let tenant = tenant_of_chain(session.peer_certificates(), &shared.trust_domain);
     let alpn_h2 = session.alpn_protocol() == Some(b"h2");
     let permit = shared.connections.try_acquire(tenant.as_ref().ok());
-    if permit.is_none() {
-        debug!(%remote, tenant = ?tenant.as_ref().ok(), "connection over its tenant's limit");
+    match &tenant {
+        Err(why) => shared.refuse(remote, None, &super::Refusal::NoTenant(why.to_string())),
+        Ok(t) if permit.is_none() => {
+            debug!(%remote, tenant = %t, "connection over its tenant's limit");
+            shared.refuse(remote, Some(t), &super::Refusal::OverLimit);
+        }
+        Ok(_) => {}
     }
     // Registered for the connection's life (unregistered on every way out).
     let _flow = FlowGuard::open(
@@ -387,6 +405,20 @@ impl Body for TcpBody {
         match self {
             Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+impl<H> Shared<H> {
+    /// Reports a refused connection, if anyone listens.
+    fn refuse(
+        &self,
+        remote: SocketAddr,
+        tenant: Option<&bulkhead_core::TenantId>,
+        why: &super::Refusal,
+    ) {
+        if let Some(sink) = &self.refusals {
+            sink.refused(remote, super::FlowTransport::Tcp, tenant, why);
         }
     }
 }
