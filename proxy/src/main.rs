@@ -63,6 +63,9 @@ enum Command {
     /// measured in the same run, and print a table.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The audit log: keys, verify, query, report, live tail.
+    #[command(subcommand)]
+    Audit(bulkhead::audit::cli::AuditCommand),
 }
 
 /// `bulkhead bench` subcommands.
@@ -206,6 +209,7 @@ fn main() -> ExitCode {
         Command::Worker(args) => run_worker(args),
         Command::Certs(args) => run_certs(&args),
         Command::Bench(command) => run_bench(&command),
+        Command::Audit(command) => bulkhead::audit::cli::run(command),
     };
     match output {
         Ok(text) => {
