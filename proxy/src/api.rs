@@ -8,10 +8,12 @@
 
 pub mod metrics;
 pub mod openai;
+pub mod record;
 
 use self::{
     metrics::{KernelCounts, Metrics},
     openai::{Kind, Utf8Stream},
+    record::{AuditHook, Record, RequestFacts},
 };
 use crate::{
     dispatch::{DispatchError, Dispatcher, Event, Job},
@@ -22,9 +24,9 @@ use bulkhead_core::{
     TenantId, Timestamp,
     admission::{self, AdmissionRequest, QueueState},
     config::{Config, TenantPolicy},
-    identity::{ApiKeyRegistry, TenantApiKeys},
+    identity::{ApiKeyId, ApiKeyRegistry, TenantApiKeys},
     limits::TenantLimiter,
-    wire::{FinishReason, Sampling},
+    wire::{FinishReason, Finished, Sampling},
 };
 use bulkhead_kernels::model::{ByteTokenizer, ModelConfig};
 use bytes::Bytes;
@@ -62,6 +64,7 @@ pub struct App {
     tokenizer: ByteTokenizer,
     epoch: Instant,
     kernel: Option<(Arc<Mutex<crate::ebpf::KernelPlane>>, Arc<KernelFlows>)>,
+    audit: Option<AuditHook>,
 }
 
 /// What a reload changed in the tenants.
@@ -133,6 +136,7 @@ impl App {
             tokenizer: ByteTokenizer::new(&ModelConfig::tiny()),
             epoch: Instant::now(),
             kernel: None,
+            audit: None,
         })
     }
 
@@ -145,6 +149,14 @@ impl App {
         flows: Arc<KernelFlows>,
     ) -> Self {
         self.kernel = Some((plane, flows));
+        self
+    }
+
+    /// Leaves one audit record per completion request in `audit`'s ring
+    /// (module [`record`]).
+    #[must_use]
+    pub fn with_audit(mut self, audit: AuditHook) -> Self {
+        self.audit = Some(audit);
         self
     }
 
@@ -237,9 +249,40 @@ impl App {
         self.dispatcher.worker_views()
     }
 
-    /// Every tenant's metrics and kernel counters, for the admin endpoint.
+    /// Every tenant's metrics, the kernel counters and the audit log's, for
+    /// the admin endpoint.
     pub fn host_metrics(&self) -> String {
-        self.metrics.render(None, &self.kernel_counts())
+        use std::fmt::Write as _;
+        let mut out = self.metrics.render(None, &self.kernel_counts());
+        if let Some(audit) = &self.audit {
+            let c = audit.counters();
+            let _ = write!(
+                out,
+                "# HELP bulkhead_audit_records_total Audit records, by state (submitted to the ring, written and fsynced).\n\
+                 # TYPE bulkhead_audit_records_total counter\n\
+                 bulkhead_audit_records_total{{state=\"submitted\"}} {}\n\
+                 bulkhead_audit_records_total{{state=\"written\"}} {}\n\
+                 # HELP bulkhead_audit_ring_depth Audit records waiting for the writer.\n\
+                 # TYPE bulkhead_audit_ring_depth gauge\n\
+                 bulkhead_audit_ring_depth {}\n\
+                 # HELP bulkhead_audit_ring_capacity Audit records the ring holds.\n\
+                 # TYPE bulkhead_audit_ring_capacity gauge\n\
+                 bulkhead_audit_ring_capacity {}\n\
+                 # HELP bulkhead_audit_full_total Submissions refused because the ring stayed full.\n\
+                 # TYPE bulkhead_audit_full_total counter\n\
+                 bulkhead_audit_full_total {}\n\
+                 # HELP bulkhead_audit_write_errors_total Write or fsync failures of the audit writer (each retried).\n\
+                 # TYPE bulkhead_audit_write_errors_total counter\n\
+                 bulkhead_audit_write_errors_total {}\n",
+                c.submitted,
+                c.written,
+                c.ring_depth,
+                c.ring_capacity,
+                c.full_refusals,
+                c.write_errors
+            );
+        }
+        out
     }
 
     /// The dispatcher's workers and queue, for `/healthz`.
@@ -264,7 +307,10 @@ impl App {
     }
 
     /// The tenant of a request: its certificate's, narrowed by a bearer key if present.
-    fn authenticate<'p>(policy: &'p Policy, req: &ApiRequest) -> Result<&'p TenantState, ApiError> {
+    fn authenticate<'p>(
+        policy: &'p Policy,
+        req: &ApiRequest,
+    ) -> Result<(&'p TenantState, Option<ApiKeyId>), ApiError> {
         let unauthorized = |m: String| {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -295,7 +341,7 @@ impl App {
                     })?,
             ),
         };
-        policy.keys.authenticate(tenant, bearer).map_err(|e| {
+        let identity = policy.keys.authenticate(tenant, bearer).map_err(|e| {
             let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
             let code = if status == StatusCode::FORBIDDEN {
                 "permission_denied"
@@ -304,7 +350,7 @@ impl App {
             };
             ApiError::new(status, "invalid_request_error", code, e.to_string())
         })?;
-        Ok(state)
+        Ok((state, identity.api_key()))
     }
 
     fn models(policy: &Policy, tenant: &TenantState) -> ApiResponse {
@@ -322,6 +368,34 @@ impl App {
         )
     }
 
+    /// [`Self::complete`], and the audit record of a refusal after authentication.
+    async fn complete_recorded(
+        &self,
+        req: ApiRequest,
+        kind: Kind,
+        arrived: Instant,
+    ) -> Result<ApiResponse, (Option<TenantId>, ApiError)> {
+        let (body, source) = (req.body.clone(), req.peer.remote);
+        let result = self.complete(req, kind, arrived).await;
+        if let (Err((Some(tenant), e)), Some(audit)) = (&result, &self.audit) {
+            #[derive(serde::Deserialize)]
+            struct Named {
+                model: String,
+            }
+            let model =
+                serde_json::from_slice::<Named>(&body).map_or_else(|_| String::new(), |n| n.model);
+            let facts = RequestFacts {
+                tenant,
+                model: &model,
+                body: &body,
+                source,
+                api_key: None,
+            };
+            audit.refused(facts, e.status.as_u16(), e.code).await;
+        }
+        result
+    }
+
     async fn complete(
         &self,
         req: ApiRequest,
@@ -329,9 +403,10 @@ impl App {
         arrived: Instant,
     ) -> Result<ApiResponse, (Option<TenantId>, ApiError)> {
         let policy = self.policy();
-        let tenant = Self::authenticate(&policy, &req).map_err(|e| (None, e))?;
+        let (tenant, api_key) = Self::authenticate(&policy, &req).map_err(|e| (None, e))?;
         let id = tenant.policy.id.clone();
         let fail = |e: ApiError| (Some(id.clone()), e);
+        self.audit_gate().map_err(fail)?;
         let parsed = openai::parse(kind, &req.body).map_err(|b| {
             let mut e = ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -376,16 +451,7 @@ impl App {
             model: parsed.model.clone(),
             prompt_tokens,
             max_tokens,
-            sampling: Sampling {
-                temperature: parsed.temperature,
-                top_p: parsed.top_p,
-                seed: parsed.seed,
-                stop: parsed
-                    .stop
-                    .iter()
-                    .map(|s| s.bytes().map(u32::from).collect())
-                    .collect(),
-            },
+            sampling: sampling_of(&parsed),
             kv_block_quota: tenant.policy.kv_block_quota,
         };
         let ticket = match self.dispatcher.submit(job) {
@@ -395,8 +461,23 @@ impl App {
                 return Err(fail(dispatch_error(&e)));
             }
         };
+        // Random, so the id the client sees names its audit record and nothing else.
+        let request_id = crate::audit::new_request_id();
+        let record = self.audit.as_ref().map(|a| {
+            a.start(
+                RequestFacts {
+                    tenant: &id,
+                    model: &parsed.model,
+                    body: &req.body,
+                    source: req.peer.remote,
+                    api_key,
+                },
+                request_id,
+            )
+        });
         let run = Run {
             app_metrics: self.metrics.clone(),
+            record,
             tenant: id,
             model: parsed.model.clone(),
             kind,
@@ -413,10 +494,25 @@ impl App {
             } else {
                 "cmpl"
             },
-            ticket.id().0
+            request_id.0
         );
         let release = self.reservation(tenant, admitted);
         Ok(run.respond(ticket, completion_id, release).await)
+    }
+
+    /// Refuses new work while the audit ring is nearly full (503 `audit_backlog`).
+    fn audit_gate(&self) -> Result<(), ApiError> {
+        if self.audit.as_ref().is_some_and(AuditHook::behind) {
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "audit_backlog",
+                "the audit log is behind; no request is served unrecorded, try again shortly",
+            );
+            e.retry_after = Some(1);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Authorize and limit: the core's admission under the tenant's limiter.
@@ -532,6 +628,20 @@ impl Policy {
     }
 }
 
+/// The worker's sampling parameters of a parsed request.
+fn sampling_of(parsed: &openai::CompletionRequest) -> Sampling {
+    Sampling {
+        temperature: parsed.temperature,
+        top_p: parsed.top_p,
+        seed: parsed.seed,
+        stop: parsed
+            .stop
+            .iter()
+            .map(|s| s.bytes().map(u32::from).collect())
+            .collect(),
+    }
+}
+
 /// Whether the limiter settings of two policies of one tenant differ.
 fn limits_differ(a: &TenantPolicy, b: &TenantPolicy) -> bool {
     a.requests_per_second.to_bits() != b.requests_per_second.to_bits()
@@ -543,6 +653,8 @@ fn limits_differ(a: &TenantPolicy, b: &TenantPolicy) -> bool {
 /// What a running request needs to answer.
 struct Run {
     app_metrics: Arc<Metrics>,
+    /// Its audit record, when the log is on.
+    record: Option<Record>,
     tenant: TenantId,
     model: String,
     kind: Kind,
@@ -576,7 +688,7 @@ impl Run {
 
     /// A whole JSON answer, once the request finished.
     async fn respond_whole(
-        self,
+        mut self,
         mut ticket: crate::dispatch::Ticket,
         id: &str,
         mut release: ReleaseOnDrop,
@@ -590,6 +702,7 @@ impl Run {
             error: None,
         };
         let mut first = true;
+        let mut finished = None;
         while let Some(event) = ticket.next().await {
             self.observe(&event, &mut first);
             match event {
@@ -598,13 +711,20 @@ impl Run {
                     out.reason = Some(f.reason);
                     out.prompt_tokens = f.prompt_tokens;
                     out.output_tokens = f.output_tokens;
-                    out.error = f.error;
+                    out.error.clone_from(&f.error);
+                    finished = Some(f);
                 }
                 Event::Failed(why) => out.error = Some(why),
-                Event::Dispatched | Event::Violation(_) | Event::Rejected(_) => {}
+                Event::Violation(v) => {
+                    if let Some(r) = &self.record {
+                        r.violation(&v).await;
+                    }
+                }
+                Event::Dispatched { .. } | Event::Rejected(_) => {}
             }
         }
         out.text.push_str(&text.finish());
+        let record = self.record.take();
         release.used = u64::from(out.prompt_tokens) + u64::from(out.output_tokens);
         drop(release);
         self.app_metrics.tokens(
@@ -621,9 +741,24 @@ impl Run {
                 "worker_failed",
                 error,
             );
+            if let Some(mut r) = record {
+                r.text(&out.text);
+                if let Err(err) = r
+                    .finish(502, Some("worker_failed"), finished.as_ref())
+                    .await
+                {
+                    tracing::error!(tenant = %self.tenant, "the audit record of a failed request was not taken: {err}");
+                }
+            }
             self.app_metrics
                 .request(Some(&self.tenant), e.status.as_u16());
             return e.response();
+        }
+        if let Some(mut r) = record {
+            r.text(&out.text);
+            if let Err(err) = r.finish(200, None, finished.as_ref()).await {
+                return self.unrecorded(&err).response();
+            }
         }
         self.app_metrics.request(Some(&self.tenant), 200);
         ApiResponse::full(StatusCode::OK, "application/json", self.whole(id, &out))
@@ -632,71 +767,13 @@ impl Run {
     /// Server-sent events as tokens come; the task owns the ticket and the reservation.
     fn respond_stream(
         self,
-        mut ticket: crate::dispatch::Ticket,
+        ticket: crate::dispatch::Ticket,
         id: String,
         release: ReleaseOnDrop,
     ) -> ApiResponse {
         let (tx, rx) = mpsc::channel::<Bytes>(64);
-        let metrics = self.app_metrics.clone();
         // The stream outlives this call: it owns the ticket and the reservation.
-        tokio::spawn(async move {
-            // Moved whole (not field by field) so its drop runs when the stream ends.
-            let mut release = release;
-            let mut text = Utf8Stream::default();
-            let mut first = true;
-            let mut sent_role = false;
-            loop {
-                let event = tokio::select! {
-                    e = ticket.next() => e,
-                    () = tx.closed() => break, // the client went away: the ticket's drop cancels
-                };
-                let Some(event) = event else { break };
-                self.observe(&event, &mut first);
-                let chunk = match event {
-                    Event::Tokens { tokens, .. } => {
-                        let piece = text.push(&bytes_of(&tokens));
-                        if piece.is_empty() {
-                            continue;
-                        }
-                        let c = self.delta(&id, &piece, !sent_role, None);
-                        sent_role = true;
-                        c
-                    }
-                    Event::Finished(f) => {
-                        let usage = (f.prompt_tokens, f.output_tokens);
-                        release.used = u64::from(f.prompt_tokens) + u64::from(f.output_tokens);
-                        if f.reason == FinishReason::Error || f.reason == FinishReason::Cancelled {
-                            let msg = f
-                                .error
-                                .unwrap_or_else(|| "the request was cancelled".to_owned());
-                            let _ = tx.send(sse(&json!({"error": {"message": msg, "type": "server_error", "param": null, "code": "worker_failed"}}))).await;
-                            metrics.request(Some(&self.tenant), 502);
-                            break;
-                        }
-                        let tail = text.finish();
-                        if !tail.is_empty() {
-                            let _ = tx.send(self.delta(&id, &tail, !sent_role, None)).await;
-                        }
-                        let _ = tx.send(self.delta(&id, "", false, Some(f.reason))).await;
-                        let _ = tx.send(self.usage_chunk(&id, usage)).await;
-                        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-                        metrics.tokens(&self.tenant, u64::from(usage.0), u64::from(usage.1));
-                        metrics.request(Some(&self.tenant), 200);
-                        break;
-                    }
-                    Event::Failed(why) => {
-                        let _ = tx.send(sse(&json!({"error": {"message": why, "type": "server_error", "param": null, "code": "worker_failed"}}))).await;
-                        metrics.request(Some(&self.tenant), 502);
-                        break;
-                    }
-                    Event::Dispatched | Event::Violation(_) | Event::Rejected(_) => continue,
-                };
-                if tx.send(chunk).await.is_err() {
-                    break;
-                }
-            }
-            drop(ticket);
-        });
+        tokio::spawn(self.stream(ticket, id, release, tx));
         let mut headers = HeaderMap::new();
         headers.insert(
             http::header::CONTENT_TYPE,
@@ -713,14 +790,144 @@ impl Run {
         }
     }
 
-    fn observe(&self, event: &Event, first: &mut bool) {
+    /// The stream's task: chunks until the request ends, then its audit
+    /// record, then `[DONE]` (or an `error` event when something failed).
+    async fn stream(
+        mut self,
+        mut ticket: crate::dispatch::Ticket,
+        id: String,
+        // Moved whole (not field by field) so its drop runs when the stream ends.
+        mut release: ReleaseOnDrop,
+        tx: mpsc::Sender<Bytes>,
+    ) {
+        let metrics = self.app_metrics.clone();
+        let mut text = Utf8Stream::default();
+        let mut first = true;
+        let mut sent_role = false;
+        let error = |message: &str, code: &str| {
+            sse(
+                &json!({"error": {"message": message, "type": "server_error", "param": null, "code": code}}),
+            )
+        };
+        loop {
+            let event = tokio::select! {
+                e = ticket.next() => e,
+                () = tx.closed() => break, // the client went away: the ticket's drop cancels
+            };
+            let Some(event) = event else { break };
+            self.observe(&event, &mut first);
+            let chunk = match event {
+                Event::Tokens { tokens, .. } => {
+                    let piece = text.push(&bytes_of(&tokens));
+                    if piece.is_empty() {
+                        continue;
+                    }
+                    if let Some(r) = self.record.as_mut() {
+                        r.text(&piece);
+                    }
+                    let c = self.delta(&id, &piece, !sent_role, None);
+                    sent_role = true;
+                    c
+                }
+                Event::Finished(f) => {
+                    let usage = (f.prompt_tokens, f.output_tokens);
+                    release.used = u64::from(f.prompt_tokens) + u64::from(f.output_tokens);
+                    metrics.tokens(&self.tenant, u64::from(usage.0), u64::from(usage.1));
+                    if f.reason == FinishReason::Error || f.reason == FinishReason::Cancelled {
+                        let msg = f
+                            .error
+                            .clone()
+                            .unwrap_or_else(|| "the request was cancelled".to_owned());
+                        self.close_record(502, Some("worker_failed"), Some(&f))
+                            .await;
+                        let _ = tx.send(error(&msg, "worker_failed")).await;
+                        metrics.request(Some(&self.tenant), 502);
+                        return;
+                    }
+                    let tail = text.finish();
+                    if let Some(r) = self.record.as_mut() {
+                        r.text(&tail);
+                    }
+                    if !tail.is_empty() {
+                        let _ = tx.send(self.delta(&id, &tail, !sent_role, None)).await;
+                    }
+                    let _ = tx.send(self.delta(&id, "", false, Some(f.reason))).await;
+                    let _ = tx.send(self.usage_chunk(&id, usage)).await;
+                    // No [DONE] before the record is in the audit ring.
+                    if let Some(r) = self.record.take()
+                        && let Err(err) = r.finish(200, None, Some(&f)).await
+                    {
+                        let e = self.unrecorded(&err);
+                        let _ = tx.send(error(&e.message, e.code)).await;
+                        metrics.request(Some(&self.tenant), e.status.as_u16());
+                        return;
+                    }
+                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                    metrics.request(Some(&self.tenant), 200);
+                    return;
+                }
+                Event::Failed(why) => {
+                    self.close_record(502, Some("worker_failed"), None).await;
+                    let _ = tx.send(error(&why, "worker_failed")).await;
+                    metrics.request(Some(&self.tenant), 502);
+                    return;
+                }
+                Event::Violation(v) => {
+                    if let Some(r) = &self.record {
+                        r.violation(&v).await;
+                    }
+                    continue;
+                }
+                Event::Dispatched { .. } | Event::Rejected(_) => continue,
+            };
+            if tx.send(chunk).await.is_err() {
+                break;
+            }
+        }
+        // The client went away (or the dispatcher dropped the request).
+        drop(ticket);
+        self.close_record(499, Some("client_disconnected"), None)
+            .await;
+        metrics.request(Some(&self.tenant), 499);
+    }
+
+    /// Submits the record of a request that ended without an answer to withhold.
+    async fn close_record(&mut self, status: u16, code: Option<&str>, finished: Option<&Finished>) {
+        if let Some(r) = self.record.take()
+            && let Err(err) = r.finish(status, code, finished).await
+        {
+            tracing::error!(tenant = %self.tenant, "the audit record of a request that ended with {status} was not taken: {err}");
+        }
+    }
+
+    /// The error that replaces an answer whose audit record could not be taken.
+    fn unrecorded(&self, err: &crate::audit::SubmitError) -> ApiError {
+        tracing::error!(tenant = %self.tenant, "an answer was withheld: its audit record was not taken: {err}");
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "audit_unavailable",
+            "the answer is withheld: its audit record could not be written; try again shortly",
+        );
+        e.retry_after = Some(1);
+        e
+    }
+
+    fn observe(&mut self, event: &Event, first: &mut bool) {
         match event {
-            Event::Dispatched => self
-                .app_metrics
-                .queue_time(&self.tenant, self.arrived.elapsed()),
+            Event::Dispatched { worker } => {
+                self.app_metrics
+                    .queue_time(&self.tenant, self.arrived.elapsed());
+                if let Some(r) = self.record.as_mut() {
+                    r.dispatched(*worker);
+                }
+            }
             Event::Tokens { .. } if *first => {
                 *first = false;
                 self.app_metrics.ttft(&self.tenant, self.arrived.elapsed());
+                if let Some(r) = self.record.as_mut() {
+                    r.first_token();
+                }
             }
             _ => {}
         }
@@ -957,13 +1164,15 @@ impl Handler for App {
         let route = (req.method.clone(), req.path.clone());
         let result = match (&route.0, route.1.as_str()) {
             (&Method::POST, "/v1/chat/completions") => {
-                self.complete(req, Kind::Chat, arrived).await
+                self.complete_recorded(req, Kind::Chat, arrived).await
             }
-            (&Method::POST, "/v1/completions") => self.complete(req, Kind::Text, arrived).await,
+            (&Method::POST, "/v1/completions") => {
+                self.complete_recorded(req, Kind::Text, arrived).await
+            }
             (&Method::GET, "/v1/models") => {
                 let policy = self.policy();
                 match Self::authenticate(&policy, &req) {
-                    Ok(t) => Ok(Self::models(&policy, t)),
+                    Ok((t, _)) => Ok(Self::models(&policy, t)),
                     Err(e) => Err((None, e)),
                 }
             }
@@ -972,7 +1181,7 @@ impl Handler for App {
             (&Method::GET, "/metrics") => {
                 let policy = self.policy();
                 match Self::authenticate(&policy, &req) {
-                    Ok(t) => Ok(ApiResponse::full(
+                    Ok((t, _)) => Ok(ApiResponse::full(
                         StatusCode::OK,
                         "text/plain; version=0.0.4",
                         self.metrics

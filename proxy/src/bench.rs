@@ -101,6 +101,8 @@ pub(crate) struct Front {
     pub pki: DevPki,
     shutdown: Shutdown,
     tasks: Vec<JoinHandle<()>>,
+    /// The audit log every request records into, as under `serve`.
+    audit: crate::serve::audit::AuditLog,
     dir: TempDir,
 }
 
@@ -151,11 +153,11 @@ impl Front {
             quic_retry_threshold: usize::MAX,
             shutdown_grace: Duration::from_secs(1),
         };
-        let app = Arc::new(App::new(
-            config,
-            dispatcher.clone(),
-            Arc::new(Metrics::default()),
-        )?);
+        let audit = crate::serve::audit::open(&config.audit)?;
+        let app = Arc::new(
+            App::new(config, dispatcher.clone(), Arc::new(Metrics::default()))?
+                .with_audit(audit.hook.clone()),
+        );
         let any: SocketAddr = "127.0.0.1:0".parse()?;
         let connections = TenantConnections::new(limits.max_connections_per_tenant);
         let quic = QuicServer::bind(any, tls.quic, domain.clone(), limits)?
@@ -177,6 +179,7 @@ impl Front {
             pki,
             shutdown,
             tasks,
+            audit,
             dir,
         })
     }
@@ -192,6 +195,10 @@ impl Front {
             {
                 abort.abort();
             }
+        }
+        let writer = self.audit.writer;
+        if let Ok(Err(err)) = tokio::task::spawn_blocking(move || writer.shutdown()).await {
+            tracing::warn!("closing the bench's audit log: {err}");
         }
         drop(self.dir);
     }
@@ -245,6 +252,9 @@ key = "{}"
 client_ca = ["{}"]
 [kv]
 pool_blocks = {blocks}
+[audit]
+dir = "{audit}/audit"
+key_file = "{audit}/audit.key"
 [[models]]
 name = "{MODEL}"
 backend = "sim"
@@ -254,6 +264,7 @@ max_context_tokens = 2048
         pki.join(certs::SERVER_KEY_FILE).display(),
         pki.join(certs::TENANT_CA_FILE).display(),
         blocks = opts.blocks,
+        audit = pki.parent().unwrap_or(pki).display(),
     );
     for name in opts.tenants {
         let _ = write!(

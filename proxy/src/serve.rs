@@ -12,6 +12,7 @@
 //! address changes), and `/metrics` reports the kernel's per-tenant packets.
 
 pub mod admin;
+pub mod audit;
 pub mod plan;
 pub mod reload;
 
@@ -76,9 +77,17 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
         Some(plane) => Some(Arc::new(KernelFlows::new(plane.clone(), &config)?)),
         None => None,
     };
-    let mut app = App::new(config.clone(), dispatcher, Arc::new(Metrics::default()))?;
+    let log = audit::open(&config.audit)?;
+    tracing::info!("audit log in {}", config.audit.dir.display());
+    let mut app = App::new(config.clone(), dispatcher, Arc::new(Metrics::default()))?
+        .with_audit(log.hook.clone());
     if let (Some(plane), Some(flows)) = (&plane, &flows) {
         app = app.with_kernel(plane.clone(), flows.clone());
+        tokio::spawn(audit::record_kernel_drops(
+            plane.clone(),
+            flows.clone(),
+            log.hook.clone(),
+        ));
     }
     let app = Arc::new(app);
     let mut quic = QuicServer::bind(quic_addr, tls.quic.clone(), domain.clone(), limits)?;
@@ -91,6 +100,9 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let connections = TenantConnections::new(limits.max_connections_per_tenant);
     quic = quic.with_connections(connections.clone());
     tcp = tcp.with_connections(connections);
+    let refusals: Arc<dyn crate::transport::RefusalSink> = Arc::new(log.hook.clone());
+    quic = quic.with_refusals(refusals.clone());
+    tcp = tcp.with_refusals(refusals);
     if let Some(flows) = &flows {
         let registry: Arc<dyn FlowRegistry> = flows.clone();
         quic = quic.with_flows(registry.clone());
@@ -135,6 +147,13 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     tracing::info!("draining: no new connections; in-flight requests may finish");
     shutdown.trigger();
     let _ = tokio::join!(quic_task, tcp_task);
+    // Every request has ended: write what the ring holds, then stop.
+    let audit::AuditLog { writer, tail, .. } = log;
+    drop(tail);
+    tokio::task::spawn_blocking(move || writer.shutdown())
+        .await
+        .context("the audit writer's shutdown panicked")?
+        .context("closing the audit log")?;
     Ok(())
 }
 

@@ -161,12 +161,13 @@ async fn a_dropped_ticket_cancels_and_a_dead_worker_fails_only_its_requests() {
     // Kill worker 0's process: find it by its socket's owner is overkill;
     // pkill by the socket path in its command line.
     let sock0 = dir.join("w0.sock");
+    // Read before the kill: the dispatcher may notice the death at once.
+    let on_0 = d.workers()[0].2;
     let killed = std::process::Command::new("pkill")
         .args(["-KILL", "-f", &sock0.display().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
-    let on_0 = d.workers()[0].2;
     let mut failed = 0;
     let mut alive = Vec::new();
     for mut t in tickets {

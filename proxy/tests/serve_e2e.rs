@@ -84,6 +84,9 @@ pool_blocks = 1024
 # Loopback tests must not attach programs to the test runner's own cgroup.
 [ebpf]
 mode = "off"
+[audit]
+dir = "{dir}/audit"
+key_file = "{dir}/audit.key"
 [[models]]
 name = "tiny"
 backend = "cpu"
@@ -99,6 +102,7 @@ allowed_models = ["tiny"]
 kv_block_quota = 512
 "#,
         pki = pki.display(),
+        dir = dir.display(),
         key = ApiKeyHash::of(ACME_KEY).to_hex()
     );
     let config_path = dir.join("host.toml");

@@ -35,8 +35,11 @@ pub struct Job {
 /// What happens to a request, in order; `Finished` or `Failed` is the last.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    /// The request left the fair queue for a worker.
-    Dispatched,
+    /// The request left the fair queue for a worker (by its id).
+    Dispatched {
+        /// The worker's id.
+        worker: u32,
+    },
     /// Output tokens.
     Tokens {
         /// Index of the first in the output.
@@ -448,7 +451,8 @@ impl State {
             .as_ref()
             .is_some_and(|tx| tx.send(ProxyToWorker::Submit(submit)).is_ok());
         if sent {
-            self.forward(id, Event::Dispatched);
+            let worker = self.workers[w].id;
+            self.forward(id, Event::Dispatched { worker });
         } else {
             self.fail(id, "the worker went away before the request reached it");
         }

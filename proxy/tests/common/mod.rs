@@ -54,6 +54,9 @@ pool_blocks = {pool}
 # Loopback tests must not attach programs to the test runner's own cgroup.
 [ebpf]
 mode = "off"
+[audit]
+dir = "{audit}"
+key_file = "{key}"
 [[models]]
 name = "tiny"
 backend = "cpu"
@@ -61,6 +64,8 @@ max_context_tokens = 2048
 {tenants}
 "#,
         admin = dir.join("admin.sock").display(),
+        audit = dir.join("audit").display(),
+        key = dir.join("audit.key").display(),
         pki = dir.join("pki").display(),
     )
 }
