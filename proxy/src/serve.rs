@@ -173,10 +173,24 @@ fn start_kernel_plane(config: &Config) -> anyhow::Result<Option<Arc<Mutex<Kernel
         .map_err(Into::into);
     }
     let cgroup = own_cgroup().context("finding this process's cgroup")?;
-    if is_root_cgroup(&cgroup) {
+    if is_root_cgroup(&cgroup) && in_initial_cgroup_namespace() {
         // Programs on the root cgroup would police every process of the host.
         let why = "bulkhead serve runs in the root cgroup; run it in a cgroup of its own \
                    (a systemd unit or a pod) for kernel enforcement";
+        if config.ebpf.mode == EbpfMode::Required {
+            anyhow::bail!("[ebpf] mode = \"required\": {why}");
+        }
+        tracing::warn!("kernel enforcement is OFF: {why} (ebpf.mode = \"auto\")");
+        return Ok(None);
+    }
+    if !holds_this_process(&cgroup) {
+        // E.g. a container with its own cgroup namespace but the host's
+        // hierarchy mounted: the path is not where this process lives.
+        let why = format!(
+            "{} does not list this process in cgroup.procs; refusing to attach the programs \
+             to a cgroup other than serve's own",
+            cgroup.display()
+        );
         if config.ebpf.mode == EbpfMode::Required {
             anyhow::bail!("[ebpf] mode = \"required\": {why}");
         }
@@ -206,6 +220,24 @@ fn own_cgroup() -> anyhow::Result<PathBuf> {
         .find(|r| r.join("cgroup.controllers").exists())
         .context("no cgroup v2 hierarchy mounted at /sys/fs/cgroup")?;
     Ok(root.join(path.trim_start_matches('/')))
+}
+
+/// The inode of the kernel's initial cgroup namespace (`PROC_CGROUP_INIT_INO`).
+const INITIAL_CGROUP_NAMESPACE: &str = "cgroup:[4026531835]";
+
+/// Whether this process is in the host's cgroup namespace. In a container's
+/// own namespace (a Kubernetes pod) the hierarchy's root seen from inside is
+/// the container's cgroup, not the host's. Unknown counts as the host's.
+fn in_initial_cgroup_namespace() -> bool {
+    std::fs::read_link("/proc/self/ns/cgroup")
+        .map_or(true, |link| link.as_os_str() == INITIAL_CGROUP_NAMESPACE)
+}
+
+/// Whether `cgroup`'s `cgroup.procs` lists this process.
+fn holds_this_process(cgroup: &Path) -> bool {
+    let me = std::process::id().to_string();
+    std::fs::read_to_string(cgroup.join("cgroup.procs"))
+        .is_ok_and(|procs| procs.lines().any(|p| p.trim() == me))
 }
 
 /// Whether `cgroup` is the root of the cgroup v2 hierarchy (the mount point itself).
@@ -245,6 +277,19 @@ async fn wait_for_stop_signal(reloader: &Arc<reload::Reloader>) -> anyhow::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_machine_s_cgroup_namespace_and_own_cgroup_are_read() {
+        // Whatever the namespace, the answer is a plain read of /proc.
+        let link = std::fs::read_link("/proc/self/ns/cgroup").unwrap();
+        assert_eq!(
+            in_initial_cgroup_namespace(),
+            link.as_os_str() == INITIAL_CGROUP_NAMESPACE
+        );
+        let own = own_cgroup().unwrap();
+        assert!(holds_this_process(&own), "{}", own.display());
+        assert!(!holds_this_process(Path::new("/nonexistent")));
+    }
 
     #[test]
     fn the_root_cgroup_is_recognised_with_or_without_a_trailing_slash() {
