@@ -51,7 +51,7 @@ fn flows_land_in_the_kernel_map_under_the_tenants_slot() {
     )
     .unwrap_or_else(|e| panic!("loading the kernel programs: {}", e.chain()));
     let plane = Arc::new(Mutex::new(plane));
-    let flows = KernelFlows::new(plane.clone(), &config);
+    let flows = KernelFlows::new(plane.clone(), &config).unwrap();
     let tenant_of =
         |remote: SocketAddr, p: Protocol| plane.lock().unwrap().flow_tenant(remote, p).unwrap();
     let (acme, globex) = (
@@ -87,6 +87,57 @@ fn flows_land_in_the_kernel_map_under_the_tenants_slot() {
     // An unknown tenant is never registered (its packets stay under the unknown-source budget).
     flows.register(&TenantId::new("initech").unwrap(), tcp, FlowTransport::Tcp);
     assert_eq!(tenant_of(tcp, Protocol::Tcp), None);
+
+    // A reload: acme leaves, initech arrives, the order changes. globex keeps
+    // its slot (its flow stays right), initech gets a slot never used, and
+    // acme's slot goes inactive in the kernel.
+    flows.register(&globex, udp, FlowTransport::Udp);
+    let reloaded = CONFIG
+        .replace("id = \"acme\"", "id = \"initech\"")
+        .replace("id = \"globex\"", "id = \"acme-gone\"")
+        .replace("id = \"initech\"", "id = \"globex\"")
+        .replace("id = \"acme-gone\"", "id = \"initech\"");
+    let reloaded = Config::from_toml_str(&reloaded).unwrap();
+    assert_eq!(
+        reloaded
+            .tenants
+            .iter()
+            .map(|t| t.id.as_str())
+            .collect::<Vec<_>>(),
+        ["globex", "initech"]
+    );
+    let report = flows.apply_config(&reloaded).unwrap();
+    // Slots 0..3 written, acme's slot 0 as inactive.
+    assert_eq!(report.tenants, 3, "{report:?}");
+    assert_eq!(
+        tenant_of(udp, Protocol::Udp),
+        Some(1),
+        "globex's flow kept its slot"
+    );
+    flows.register(&TenantId::new("initech").unwrap(), tcp, FlowTransport::Tcp);
+    assert_eq!(tenant_of(tcp, Protocol::Tcp), Some(2));
+    flows.register(&acme, other, FlowTransport::Tcp);
+    assert_eq!(
+        tenant_of(other, Protocol::Tcp),
+        None,
+        "a removed tenant registers nothing"
+    );
+    let active: Vec<u32> = plane
+        .lock()
+        .unwrap()
+        .status()
+        .unwrap()
+        .tenants
+        .iter()
+        .map(|t| t.index)
+        .filter(|&i| i < bulkhead_ebpf_common::UNKNOWN_TENANT)
+        .collect();
+    assert_eq!(active, [1, 2], "acme's slot 0 is inactive");
+    assert_eq!(flows.tenant_of(0), None);
+    assert_eq!(
+        flows.tenant_of(2).map(|t| t.to_string()),
+        Some("initech".to_owned())
+    );
     drop(flows);
     drop(plane);
     drop(bpffs);
