@@ -66,6 +66,12 @@ enum Command {
     /// The audit log: keys, verify, query, report, live tail.
     #[command(subcommand)]
     Audit(bulkhead::audit::cli::AuditCommand),
+    /// Per-host deployment: the Kubernetes network policies of the tenants.
+    #[command(subcommand)]
+    Deploy(bulkhead::deploy::DeployCommand),
+    /// MIG partition plans for the tenants' isolation needs (H100 80GB).
+    #[command(subcommand)]
+    Mig(bulkhead::deploy::MigCommand),
 }
 
 /// `bulkhead bench` subcommands.
@@ -210,6 +216,8 @@ fn main() -> ExitCode {
         Command::Certs(args) => run_certs(&args),
         Command::Bench(command) => run_bench(&command),
         Command::Audit(command) => bulkhead::audit::cli::run(command),
+        Command::Deploy(command) => bulkhead::deploy::run_deploy(&command),
+        Command::Mig(command) => bulkhead::deploy::run_mig(&command),
     };
     match output {
         Ok(text) => {

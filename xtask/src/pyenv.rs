@@ -12,7 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The pinned packages, as pip requirements and as (module, version) to check.
-pub const PACKAGES: [(&str, &str); 2] = [("aioquic", "1.7.2"), ("openai", "3.51.0")];
+pub const PACKAGES: [(&str, &str); 3] = [
+    ("aioquic", "1.7.2"),
+    ("openai", "3.51.0"),
+    // The Kubernetes schemas (bundled, offline) that `proxy/tests/deploy_artifacts.rs`
+    // validates deploy/k8s and the generated NetworkPolicies against.
+    ("kubernetes_validate", "1.37.0"),
+];
 
 /// The venv's directory.
 pub fn venv_dir(root: &Path) -> PathBuf {
