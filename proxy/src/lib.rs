@@ -12,6 +12,7 @@ pub mod api;
 pub mod audit;
 pub mod bench;
 pub mod certs;
+pub mod demo;
 pub mod deploy;
 pub mod dispatch;
 pub mod ebpf;

@@ -22,6 +22,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The whole product on its built-in defaults: a development PKI for three
+    /// tenants, `serve` with a CPU worker (and the eBPF programs, as root), a
+    /// short mixed load over HTTP/3, then a per-tenant table and the audit
+    /// log verified.
+    Demo {
+        /// Where the PKI, config, audit log and sockets go.
+        #[arg(long, default_value = "bulkhead-demo")]
+        state_dir: PathBuf,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// Run the seeded fairness simulation of the scheduler and print its table.
     Simulate {
         /// Seed of the simulated arrivals.
@@ -43,6 +55,9 @@ enum Command {
         /// Directory for the workers' sockets.
         #[arg(long, default_value = "/run/bulkhead")]
         runtime_dir: PathBuf,
+        /// The kernel programs' instance name (pins under /sys/fs/bpf/bulkhead/<name>).
+        #[arg(long, default_value = bulkhead::ebpf::DEFAULT_INSTANCE)]
+        ebpf_instance: String,
     },
     /// Reload the tenants and TLS files of a running `serve` through its
     /// admin endpoint (as SIGHUP does), and print what changed or why not.
@@ -203,13 +218,18 @@ fn main() -> ExitCode {
         .init();
     let output = match cli.command {
         Command::Simulate { seed, verbose } => Ok(simulate::run(SimulateOptions { seed, verbose })),
+        Command::Demo { state_dir, seconds } => {
+            bulkhead::demo::run(&bulkhead::demo::DemoOptions { state_dir, seconds })
+        }
         Command::Ebpf(command) => run_ebpf(command),
         Command::Serve {
             config,
             runtime_dir,
+            ebpf_instance,
         } => run_serve(ServeOptions {
             config,
             runtime_dir,
+            ebpf_instance,
         }),
         Command::Reload { config, admin } => run_reload(config.as_deref(), admin.as_deref()),
         Command::Worker(args) => run_worker(args),

@@ -19,7 +19,7 @@ pub mod reload;
 use crate::{
     api::{App, metrics::Metrics},
     dispatch::Dispatcher,
-    ebpf::{DEFAULT_BPFFS, DEFAULT_INSTANCE, KernelFlows, KernelPlane},
+    ebpf::{DEFAULT_BPFFS, KernelFlows, KernelPlane},
     tls::ServerTls,
     transport::{
         FlowRegistry, QuicServer, Shutdown, TcpServer, TenantConnections, TransportLimits,
@@ -41,6 +41,8 @@ pub struct ServeOptions {
     pub config: PathBuf,
     /// Where the workers' sockets go (created 0700).
     pub runtime_dir: PathBuf,
+    /// The kernel programs' instance (their pins under `/sys/fs/bpf/bulkhead/<instance>`).
+    pub ebpf_instance: String,
 }
 
 /// The addresses a running front door listens on.
@@ -72,7 +74,7 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let limits = TransportLimits::default();
     let domain = config.trust_domain.clone();
     let (quic_addr, tcp_addr) = (config.listeners.quic, config.listeners.tcp);
-    let plane = start_kernel_plane(&config)?;
+    let plane = start_kernel_plane(&config, &opts.ebpf_instance)?;
     let flows = match &plane {
         Some(plane) => Some(Arc::new(KernelFlows::new(plane.clone(), &config)?)),
         None => None,
@@ -160,13 +162,16 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
 /// Kernel enforcement as `[ebpf] mode` says, attached to this process's own
 /// cgroup (the listeners' sockets live here): `None` when off, or when
 /// `auto` could not load (it warns).
-fn start_kernel_plane(config: &Config) -> anyhow::Result<Option<Arc<Mutex<KernelPlane>>>> {
+fn start_kernel_plane(
+    config: &Config,
+    instance: &str,
+) -> anyhow::Result<Option<Arc<Mutex<KernelPlane>>>> {
     if config.ebpf.mode == EbpfMode::Off {
         return KernelPlane::start(
             EbpfMode::Off,
             config,
             Path::new("/"),
-            DEFAULT_INSTANCE,
+            instance,
             Path::new(DEFAULT_BPFFS),
         )
         .map(|_| None)
@@ -201,7 +206,7 @@ fn start_kernel_plane(config: &Config) -> anyhow::Result<Option<Arc<Mutex<Kernel
         config.ebpf.mode,
         config,
         &cgroup,
-        DEFAULT_INSTANCE,
+        instance,
         Path::new(DEFAULT_BPFFS),
     )?;
     Ok(plane.map(|p| Arc::new(Mutex::new(p))))

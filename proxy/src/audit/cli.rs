@@ -238,6 +238,17 @@ fn verify_dir_partition(
     Ok(v.finish())
 }
 
+/// Verifies every partition under `dir` (with `key`, every seal it opens too).
+pub fn verify_all(dir: &Path, key: Option<&KeyFile>) -> anyhow::Result<Vec<PartitionReport>> {
+    partitions(dir)?
+        .iter()
+        .map(|p| {
+            let tenant_key = key.and_then(|k| k.for_partition(p));
+            verify_dir_partition(dir, p, tenant_key.as_ref(), &mut |_| {})
+        })
+        .collect()
+}
+
 fn verify(dir: &Path, key: Option<&Path>) -> anyhow::Result<String> {
     let key = key.map(read_key_file).transpose()?;
     let parts = partitions(dir)?;
