@@ -41,9 +41,10 @@ pub fn run(root: &Path, opts: &CiOptions) -> anyhow::Result<()> {
         &mut cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]),
     )?;
     // NVRTC (installed by setup) on the library path: the kernels' compile check needs it.
+    // Every test binary runs even after one fails, so one CI run shows every failure.
     process::run(
         "test",
-        cargo(&["test"]).env("LD_LIBRARY_PATH", crate::nvrtc::library_path(root)),
+        cargo(&["test", "--no-fail-fast"]).env("LD_LIBRARY_PATH", crate::nvrtc::library_path(root)),
     )?;
 
     if ebpf {
