@@ -590,3 +590,44 @@ fn uneven_shares_do_not_make_tenants_swap_slots_forever() {
         "preemptions kept firing"
     );
 }
+
+#[test]
+fn a_freed_slot_goes_to_the_waiting_tenant_running_the_fewest() {
+    // 2 slots. acme fills both; globex arrives and preempts acme's youngest,
+    // which then waits at the queue's front. When globex's short request
+    // ends, the freed slot goes to globex's next request (globex runs none)
+    // rather than to acme's preempted one at the front: no second
+    // preemption is needed to put globex back.
+    let mut engine = sim_engine(
+        256,
+        EngineConfig {
+            max_slots: 2,
+            ..EngineConfig::default()
+        },
+    );
+    for id in 1..=3 {
+        engine.submit(submit(id, "acme", text_prompt(20), 500));
+    }
+    engine.step().unwrap();
+    engine.submit(submit(4, "globex", text_prompt(20), 2));
+    engine.step().unwrap();
+    assert_eq!(engine.stats().preemptions, 1);
+    engine.submit(submit(5, "globex", text_prompt(20), 500));
+    let mut outcomes = HashMap::new();
+    while outcomes
+        .get(&RequestId(4))
+        .is_none_or(|o: &Outcome| o.finished.is_none())
+    {
+        engine.step().unwrap();
+        absorb(&mut outcomes, engine.take_outbox());
+    }
+    engine.step().unwrap();
+    let counts = engine.running_per_tenant();
+    assert_eq!(counts.get(&tenant("globex")), Some(&1), "{counts:?}");
+    assert_eq!(counts.get(&tenant("acme")), Some(&1), "{counts:?}");
+    assert_eq!(
+        engine.stats().preemptions,
+        1,
+        "the freed slot went to globex without preempting acme again"
+    );
+}
