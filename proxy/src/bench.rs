@@ -13,7 +13,9 @@
 //! (`kill_on_drop`); temporary directories are removed.
 
 pub mod fairness;
+pub mod load;
 pub mod proxy;
+pub mod seed;
 
 use crate::{
     api::{App, metrics::Metrics},
@@ -93,7 +95,80 @@ pub(crate) struct FrontOptions<'a> {
     pub program: Option<PathBuf>,
 }
 
-/// The whole front door over one worker process, on 127.0.0.1.
+/// One tenant of a [`FrontSetup`].
+#[derive(Clone, Debug)]
+pub(crate) struct TenantSetup {
+    /// Its id.
+    pub name: String,
+    /// Its share under contention (the config's `weight`).
+    pub weight: u32,
+    /// Its request-rate limit, requests per second and burst; `None` for a
+    /// limit far above any bench's load.
+    pub rate_limit: Option<(f64, u32)>,
+    /// Whether it has workers of its own (isolation `process`).
+    pub dedicated: bool,
+}
+
+impl TenantSetup {
+    /// A tenant of weight 1, no rate limit, on the shared workers.
+    pub(crate) fn shared(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            weight: 1,
+            rate_limit: None,
+            dedicated: false,
+        }
+    }
+}
+
+/// One worker process of a [`FrontSetup`].
+#[derive(Clone, Debug)]
+pub(crate) struct WorkerSetup {
+    /// The tenant it serves alone (`--tenants` is added); `None` for the shared pool.
+    pub dedicated: Option<String>,
+    /// `bulkhead worker` arguments (after `--listen`, `--worker-id`).
+    pub args: Vec<String>,
+}
+
+/// The general form of [`FrontOptions`]: several workers, and tenants with
+/// weights, request-rate limits and dedicated workers.
+#[derive(Clone, Debug)]
+pub(crate) struct FrontSetup {
+    /// The tenants.
+    pub tenants: Vec<TenantSetup>,
+    /// The worker processes.
+    pub workers: Vec<WorkerSetup>,
+    /// The config's KV pool in blocks (and every tenant's quota).
+    pub blocks: u32,
+    /// Most requests a tenant may have queued.
+    pub max_queued: u32,
+    /// The dispatcher's queue policy.
+    pub policy: QueuePolicy,
+    /// The `bulkhead` binary for workers; `None` for this process's own.
+    pub program: Option<PathBuf>,
+}
+
+impl From<FrontOptions<'_>> for FrontSetup {
+    fn from(opts: FrontOptions<'_>) -> Self {
+        Self {
+            tenants: opts
+                .tenants
+                .iter()
+                .map(|t| TenantSetup::shared(t))
+                .collect(),
+            workers: vec![WorkerSetup {
+                dedicated: None,
+                args: opts.worker_args,
+            }],
+            blocks: opts.blocks,
+            max_queued: opts.max_queued,
+            policy: opts.policy,
+            program: opts.program,
+        }
+    }
+}
+
+/// The whole front door over its worker processes, on 127.0.0.1.
 pub(crate) struct Front {
     pub dispatcher: Dispatcher,
     pub quic: SocketAddr,
@@ -109,22 +184,39 @@ pub(crate) struct Front {
 impl Front {
     /// Starts a worker, the dispatcher, the API and both listeners.
     pub(crate) async fn start(opts: FrontOptions<'_>) -> anyhow::Result<Self> {
+        Self::start_setup(opts.into()).await
+    }
+
+    /// Starts the workers of `setup`, the dispatcher, the API and both listeners.
+    pub(crate) async fn start_setup(setup: FrontSetup) -> anyhow::Result<Self> {
         let dir = TempDir::new("front")?;
         let domain = TrustDomain::new(DOMAIN)?;
-        let ids: Vec<TenantId> = opts.tenants.iter().map(|t| tenant(t)).collect();
+        let ids: Vec<TenantId> = setup.tenants.iter().map(|t| tenant(&t.name)).collect();
         let pki = certs::generate(&domain, &ids)?;
         let pki_dir = dir.path().join("pki");
         pki.write_to(&pki_dir, false)?;
-        let config = Config::from_toml_str(&config_toml(&pki_dir, &opts))
+        let config = Config::from_toml_str(&config_toml(&pki_dir, &setup))
             .map_err(|e| anyhow::anyhow!("the bench's config: {e}"))?;
         let tls = ServerTls::from_paths(&config.tls)?;
-        let worker = WorkerSpec {
-            id: 0,
-            socket: dir.path().join("worker.sock"),
-            spawn_args: Some(opts.worker_args),
-            dedicated: None,
-            program: opts.program,
-        };
+        let workers: Vec<WorkerSpec> = setup
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let id = u32::try_from(i).unwrap_or(u32::MAX);
+                let mut args = w.args.clone();
+                if let Some(t) = &w.dedicated {
+                    args.extend(["--tenants".to_owned(), t.clone()]);
+                }
+                WorkerSpec {
+                    id,
+                    socket: dir.path().join(format!("worker-{id}.sock")),
+                    spawn_args: Some(args),
+                    dedicated: w.dedicated.as_deref().map(tenant),
+                    program: setup.program.clone(),
+                }
+            })
+            .collect();
         let slots: Vec<TenantSlot> = config
             .tenants
             .iter()
@@ -132,19 +224,20 @@ impl Front {
                 id: t.id.clone(),
                 weight: t.weight,
                 max_queued: t.max_queued_requests,
-                dedicated: false,
+                dedicated: t.isolation != bulkhead_core::IsolationLevel::Shared,
             })
             .collect();
+        let count = workers.len();
         let dispatcher = Dispatcher::start_with_policy(
             config.scheduler.into(),
             &slots,
-            vec![worker],
+            workers,
             Duration::from_millis(200),
-            opts.policy,
+            setup.policy,
         );
         anyhow::ensure!(
             dispatcher.wait_ready(Duration::from_mins(1)).await,
-            "the bench's worker did not come up within 60 s"
+            "the bench's {count} worker(s) did not come up within 60 s"
         );
         let limits = TransportLimits {
             max_connections_per_tenant: 1 << 20,
@@ -241,8 +334,9 @@ impl Front {
     }
 }
 
-/// The host config of a bench: generous limits for every tenant.
-fn config_toml(pki: &Path, opts: &FrontOptions<'_>) -> String {
+/// The host config of a bench: generous limits for every tenant, but the
+/// request rates, weights and isolation `setup` asks for.
+fn config_toml(pki: &Path, setup: &FrontSetup) -> String {
     let mut toml = format!(
         r#"
 trust_domain = "{DOMAIN}"
@@ -263,25 +357,31 @@ max_context_tokens = 2048
         pki.join(certs::SERVER_CERT_FILE).display(),
         pki.join(certs::SERVER_KEY_FILE).display(),
         pki.join(certs::TENANT_CA_FILE).display(),
-        blocks = opts.blocks,
+        blocks = setup.blocks,
         audit = pki.parent().unwrap_or(pki).display(),
     );
-    for name in opts.tenants {
+    for t in &setup.tenants {
+        let (rate, burst) = t.rate_limit.unwrap_or((1_000_000.0, 1_000_000));
         let _ = write!(
             toml,
             r#"
 [[tenants]]
 id = "{name}"
+weight = {weight}
 allowed_models = ["{MODEL}"]
-requests_per_second = 1000000.0
-request_burst = 1000000
+requests_per_second = {rate:?}
+request_burst = {burst}
 tokens_per_minute = 1000000000000
 max_concurrent_requests = 100000
 max_queued_requests = {queued}
 kv_block_quota = {blocks}
+isolation = "{isolation}"
 "#,
-            queued = opts.max_queued,
-            blocks = opts.blocks,
+            name = t.name,
+            weight = t.weight,
+            queued = setup.max_queued,
+            blocks = setup.blocks,
+            isolation = if t.dedicated { "process" } else { "shared" },
         );
     }
     toml

@@ -109,6 +109,12 @@ enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// An open-loop load generator over HTTP/3 with mTLS: per-tenant rates,
+    /// bursts and lengths; percentiles, throughput, fairness, JSON, chart.
+    Load(Box<bulkhead::bench::load::LoadArgs>),
+    /// The seed's table: A at 10 req/s beside B bursting at 200 req/s under
+    /// FIFO, rate limits, fair queues and dedicated workers (70B on an H100, `sim`).
+    Seed(bulkhead::bench::seed::SeedArgs),
 }
 
 /// `bulkhead certs` options.
@@ -359,6 +365,8 @@ fn run_bench(command: &BenchCommand) -> anyhow::Result<String> {
             seconds,
             program: None,
         }),
+        BenchCommand::Load(ref args) => bench::load::run(args),
+        BenchCommand::Seed(ref args) => bench::seed::run(args),
     }
 }
 
