@@ -258,7 +258,19 @@ impl Shared {
     /// When everything queued fits, the queue is swapped with `out` (which
     /// must be empty) rather than moved entry by entry, so producers wait on
     /// the lock for O(1), whatever the group's size.
-    pub(super) fn take_batch(&self, out: &mut VecDeque<Entry>, max: usize, tick: Duration) -> bool {
+    ///
+    /// Woken by the first event of a group, it lingers for `linger` (without
+    /// the lock, so producers are not slowed) to let the group fill: one
+    /// write and fsync then covers every event that came meanwhile, instead
+    /// of one per wake-up. Producers never wait for durability, only for
+    /// room, so the linger costs them nothing.
+    pub(super) fn take_batch(
+        &self,
+        out: &mut VecDeque<Entry>,
+        max: usize,
+        tick: Duration,
+        linger: Duration,
+    ) -> bool {
         let mut st = lock(&self.state);
         if st.queue.is_empty() && !st.closed {
             st.writer_waiting = true;
@@ -268,6 +280,11 @@ impl Shared {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
             st.writer_waiting = false;
+            if !linger.is_zero() && !st.closed && !st.queue.is_empty() && st.queue.len() < max {
+                drop(st);
+                std::thread::sleep(linger);
+                st = lock(&self.state);
+            }
         }
         if out.is_empty() && st.queue.len() <= max {
             std::mem::swap(&mut st.queue, out);
@@ -341,7 +358,10 @@ mod tests {
         let c = sink.counters();
         assert_eq!((c.submitted, c.full_refusals, c.ring_depth), (2, 1, 2));
         let mut out = VecDeque::new();
-        assert!(sink.shared().take_batch(&mut out, 10, Duration::ZERO));
+        assert!(
+            sink.shared()
+                .take_batch(&mut out, 10, Duration::ZERO, Duration::ZERO)
+        );
         assert_eq!(out.len(), 2);
         assert_eq!(sink.submit(event(), Duration::ZERO), Ok(Ticket(3)));
     }
@@ -358,7 +378,8 @@ mod tests {
             std::thread::yield_now();
         }
         let mut out = VecDeque::new();
-        sink.shared().take_batch(&mut out, 10, Duration::ZERO);
+        sink.shared()
+            .take_batch(&mut out, 10, Duration::ZERO, Duration::ZERO);
         assert_eq!(producer.join().unwrap(), Ok(Ticket(2)));
         sink.shared().mark_durable(Ticket(2));
         assert_eq!(sink.wait_durable(Ticket(2), Duration::ZERO), Ok(()));

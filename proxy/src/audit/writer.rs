@@ -37,6 +37,9 @@ pub struct WriterConfig {
     pub retention_max_age: Option<Duration>,
     /// How often an idle writer checks segment ages.
     pub tick: Duration,
+    /// How long the writer lets a group fill after its first event before
+    /// writing and fsyncing it (producers never wait for this).
+    pub linger: Duration,
 }
 
 impl WriterConfig {
@@ -51,6 +54,7 @@ impl WriterConfig {
             retention_max_bytes: None,
             retention_max_age: None,
             tick: Duration::from_millis(100),
+            linger: Duration::from_millis(2),
         }
     }
 }
@@ -344,7 +348,12 @@ impl Writer {
         let mut batch = VecDeque::with_capacity(self.config.ring_capacity);
         loop {
             batch.clear();
-            let more = shared.take_batch(&mut batch, self.config.max_batch, self.config.tick);
+            let more = shared.take_batch(
+                &mut batch,
+                self.config.max_batch,
+                self.config.tick,
+                self.config.linger,
+            );
             if !batch.is_empty() {
                 self.commit_batch(batch.make_contiguous())?;
             }
