@@ -74,12 +74,14 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<String> {
         .build()
         .context("starting the async runtime")?;
     let cgroup = DemoCgroup::enter();
-    let result = runtime.block_on(demo(opts, cgroup.as_ref().map(|c| c.note.clone())));
+    let result = runtime.block_on(demo(opts, cgroup.as_ref()));
+    drop(runtime);
     drop(cgroup);
     result
 }
 
-async fn demo(opts: &DemoOptions, cgroup: Option<String>) -> anyhow::Result<String> {
+async fn demo(opts: &DemoOptions, cgroup_handle: Option<&DemoCgroup>) -> anyhow::Result<String> {
+    let cgroup = cgroup_handle.map(|c| c.note.clone());
     let state = &opts.state_dir;
     std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
     let state = state
@@ -108,6 +110,11 @@ async fn demo(opts: &DemoOptions, cgroup: Option<String>) -> anyhow::Result<Stri
         .kill_on_drop(true)
         .spawn()
         .context("starting bulkhead serve")?;
+    // serve (and its workers) stay in the demo's cgroup; the clients below
+    // do not, so the programs police the server's sockets only.
+    if let Some(c) = cgroup_handle {
+        c.leave();
+    }
     let mut line = String::new();
     BufReader::new(serve.stdout.take().context("serve's stdout")?)
         .read_line(&mut line)
@@ -466,13 +473,20 @@ impl DemoCgroup {
     }
 }
 
-impl Drop for DemoCgroup {
-    fn drop(&mut self) {
-        // Back to where we came from, then the empty cgroup goes.
+impl DemoCgroup {
+    /// Back to the cgroup the demo came from (its children stay).
+    fn leave(&self) {
         let _ = std::fs::write(
             self.origin.join("cgroup.procs"),
             std::process::id().to_string(),
         );
+    }
+}
+
+impl Drop for DemoCgroup {
+    fn drop(&mut self) {
+        // Out of it (if not already), then it goes once serve and its workers have.
+        self.leave();
         for _ in 0..50 {
             if std::fs::remove_dir(&self.dir).is_ok() {
                 return;

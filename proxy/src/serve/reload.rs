@@ -119,6 +119,7 @@ impl Reloader {
         }
         // Everything that can fail on its own is read before anything is applied.
         let tls = ServerTls::from_paths(&next.tls)?;
+        let quic_tls = self.quic_tls.prepare(tls.quic)?;
         let kernel_slots = match &self.flows {
             Some(flows) => Some(flows.apply_config(&next)?.tenants),
             None => None,
@@ -137,7 +138,8 @@ impl Reloader {
                 return Err(ReloadError::Tenants(err));
             }
         };
-        self.quic_tls.set(tls.quic)?;
+        // Nothing below can fail.
+        self.quic_tls.install(quic_tls);
         self.tcp_tls.set(tls.tcp);
         Ok(ReloadReport {
             tenants,

@@ -246,11 +246,18 @@ pub struct QuicTlsHandle {
 }
 
 impl QuicTlsHandle {
-    /// New connections use `tls` from now on.
-    pub fn set(&self, tls: Arc<rustls::ServerConfig>) -> Result<(), QuicError> {
-        self.endpoint
-            .set_server_config(Some(server_config(tls, &self.transport)?));
-        Ok(())
+    /// The endpoint config for `tls`, checked, to [`Self::install`] later
+    /// (so a reload can check everything before it changes anything).
+    pub fn prepare(
+        &self,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> Result<quinn::ServerConfig, QuicError> {
+        server_config(tls, &self.transport)
+    }
+
+    /// New connections use `config` from now on.
+    pub fn install(&self, config: quinn::ServerConfig) {
+        self.endpoint.set_server_config(Some(config));
     }
 }
 
