@@ -226,12 +226,20 @@ async fn one_run(
                 }
                 let (status, mut stream) = post(&mut send, request, chat_body(true)).await?;
                 anyhow::ensure!(status == http::StatusCode::OK, "status {status}");
-                let first = next_chunk(&mut stream).await?.unwrap_or_default();
+                // The first whole SSE event (a DATA frame may arrive in pieces).
+                let mut first = Vec::new();
+                while !first.windows(2).any(|w| w == b"\n\n") {
+                    let Some(piece) = next_chunk(&mut stream).await? else {
+                        break;
+                    };
+                    first.extend_from_slice(&piece);
+                }
                 let ttft = began.elapsed();
                 anyhow::ensure!(
                     std::str::from_utf8(&first)
                         .is_ok_and(|s| s.starts_with("data: ") && s.contains("\"content\"")),
-                    "the first chunk is not content: {first:?}"
+                    "the first event is not content: {:?}",
+                    String::from_utf8_lossy(&first)
                 );
                 drain(&mut stream).await?;
                 anyhow::Ok(ttft)
