@@ -119,3 +119,41 @@ pub trait RefusalSink: Send + Sync + 'static {
         why: &Refusal,
     );
 }
+
+/// Reports a refused connection to `sink`, if there is one.
+pub(crate) fn report_refusal(
+    sink: Option<&Arc<dyn RefusalSink>>,
+    remote: SocketAddr,
+    transport: FlowTransport,
+    tenant: Option<&TenantId>,
+    why: &Refusal,
+) {
+    if let Some(sink) = sink {
+        sink.refused(remote, transport, tenant, why);
+    }
+}
+
+/// Reports what attributing a connection refused: a certificate that names
+/// no tenant, or a tenant without a free connection (`permitted` false).
+pub(crate) fn report_attribution<E: std::fmt::Display>(
+    sink: Option<&Arc<dyn RefusalSink>>,
+    remote: SocketAddr,
+    transport: FlowTransport,
+    tenant: &Result<TenantId, E>,
+    permitted: bool,
+) {
+    match tenant {
+        Err(why) => report_refusal(
+            sink,
+            remote,
+            transport,
+            None,
+            &Refusal::NoTenant(why.to_string()),
+        ),
+        Ok(t) if !permitted => {
+            tracing::debug!(%remote, tenant = %t, "connection over its tenant's limit");
+            report_refusal(sink, remote, transport, Some(t), &Refusal::OverLimit);
+        }
+        Ok(_) => {}
+    }
+}

@@ -328,7 +328,13 @@ async fn connection<H: Handler>(
                 .handshakes_failed
                 .fetch_add(1, Ordering::Relaxed);
             debug!(%remote, %error, "QUIC handshake refused");
-            shared.refuse(remote, None, &super::Refusal::Handshake(error.to_string()));
+            super::flows::report_refusal(
+                shared.refusals.as_ref(),
+                remote,
+                FlowTransport::Udp,
+                None,
+                &super::Refusal::Handshake(error.to_string()),
+            );
             return;
         }
         Err(_) => {
@@ -337,21 +343,26 @@ async fn connection<H: Handler>(
                 .handshakes_failed
                 .fetch_add(1, Ordering::Relaxed);
             debug!(%remote, "QUIC handshake timed out");
-            shared.refuse(remote, None, &super::Refusal::HandshakeTimeout);
+            super::flows::report_refusal(
+                shared.refusals.as_ref(),
+                remote,
+                FlowTransport::Udp,
+                None,
+                &super::Refusal::HandshakeTimeout,
+            );
             return;
         }
     };
     drop(guard);
     let tenant = tenant_of_connection(&conn, &shared.trust_domain);
     let permit = shared.connections.try_acquire(tenant.as_ref().ok());
-    match &tenant {
-        Err(why) => shared.refuse(remote, None, &super::Refusal::NoTenant(why.to_string())),
-        Ok(t) if permit.is_none() => {
-            debug!(%remote, tenant = %t, "connection over its tenant's limit");
-            shared.refuse(remote, Some(t), &super::Refusal::OverLimit);
-        }
-        Ok(_) => {}
-    }
+    super::flows::report_attribution(
+        shared.refusals.as_ref(),
+        remote,
+        FlowTransport::Udp,
+        &tenant,
+        permit.is_some(),
+    );
     let mut h3 = match h3::server::builder()
         .build(h3_quinn::Connection::new(conn.clone()))
         .await
@@ -531,19 +542,5 @@ async fn send_response(
     }
     if let Err(error) = send.finish().await {
         debug!(%error, "HTTP/3 response not finished");
-    }
-}
-
-impl<H> Shared<H> {
-    /// Reports a refused connection, if anyone listens.
-    fn refuse(
-        &self,
-        remote: SocketAddr,
-        tenant: Option<&bulkhead_core::TenantId>,
-        why: &super::Refusal,
-    ) {
-        if let Some(sink) = &self.refusals {
-            sink.refused(remote, super::FlowTransport::Udp, tenant, why);
-        }
     }
 }

@@ -201,12 +201,24 @@ async fn connection<H: Handler>(
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
             debug!(%remote, %error, "TLS handshake refused");
-            shared.refuse(remote, None, &super::Refusal::Handshake(error.to_string()));
+            super::flows::report_refusal(
+                shared.refusals.as_ref(),
+                remote,
+                FlowTransport::Tcp,
+                None,
+                &super::Refusal::Handshake(error.to_string()),
+            );
             return;
         }
         Err(_) => {
             debug!(%remote, "TLS handshake timed out");
-            shared.refuse(remote, None, &super::Refusal::HandshakeTimeout);
+            super::flows::report_refusal(
+                shared.refusals.as_ref(),
+                remote,
+                FlowTransport::Tcp,
+                None,
+                &super::Refusal::HandshakeTimeout,
+            );
             return;
         }
     };
@@ -214,14 +226,13 @@ async fn connection<H: Handler>(
     let tenant = tenant_of_chain(session.peer_certificates(), &shared.trust_domain);
     let alpn_h2 = session.alpn_protocol() == Some(b"h2");
     let permit = shared.connections.try_acquire(tenant.as_ref().ok());
-    match &tenant {
-        Err(why) => shared.refuse(remote, None, &super::Refusal::NoTenant(why.to_string())),
-        Ok(t) if permit.is_none() => {
-            debug!(%remote, tenant = %t, "connection over its tenant's limit");
-            shared.refuse(remote, Some(t), &super::Refusal::OverLimit);
-        }
-        Ok(_) => {}
-    }
+    super::flows::report_attribution(
+        shared.refusals.as_ref(),
+        remote,
+        FlowTransport::Tcp,
+        &tenant,
+        permit.is_some(),
+    );
     // Registered for the connection's life (unregistered on every way out).
     let _flow = FlowGuard::open(
         shared.flows.as_ref(),
@@ -405,20 +416,6 @@ impl Body for TcpBody {
         match self {
             Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Stream(_) => SizeHint::default(),
-        }
-    }
-}
-
-impl<H> Shared<H> {
-    /// Reports a refused connection, if anyone listens.
-    fn refuse(
-        &self,
-        remote: SocketAddr,
-        tenant: Option<&bulkhead_core::TenantId>,
-        why: &super::Refusal,
-    ) {
-        if let Some(sink) = &self.refusals {
-            sink.refused(remote, super::FlowTransport::Tcp, tenant, why);
         }
     }
 }
