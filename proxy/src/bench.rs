@@ -303,35 +303,62 @@ impl Front {
         tenant_name: &str,
         alpn: &[&[u8]],
     ) -> anyhow::Result<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_slice(
-            self.pki.server_ca_pem.as_bytes(),
-        )?)?;
         let pair = self
             .pki
             .client(&tenant(tenant_name))
             .context("no certificate for the tenant")?;
-        let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(
-                vec![CertificateDer::from_pem_slice(pair.cert_pem.as_bytes())?],
-                PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes())?,
-            )?;
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let mut config = tenant_tls(
+            self.pki.server_ca_pem.as_bytes(),
+            pair.cert_pem.as_bytes(),
+            pair.key_pem.as_bytes(),
+            alpn,
+        )?;
         config.resumption = rustls::client::Resumption::disabled();
         Ok(config)
     }
 
     /// A QUIC client endpoint on 127.0.0.1 whose connections present `tenant`'s certificate.
     pub(crate) fn quic_endpoint(&self, tenant_name: &str) -> anyhow::Result<quinn::Endpoint> {
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(
-            self.client_tls(tenant_name, &QUIC_ALPN)?,
-        )?;
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-        Ok(endpoint)
+        quic_client(self.client_tls(tenant_name, &QUIC_ALPN)?, self.quic)
     }
+}
+
+/// A TLS 1.3 client config trusting `server_ca_pem` and presenting a
+/// tenant's certificate (`cert_pem`, `key_pem`), offering `alpn`.
+pub(crate) fn tenant_tls(
+    server_ca_pem: &[u8],
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    alpn: &[&[u8]],
+) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(server_ca_pem)?)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(cert_pem)?],
+            PrivateKeyDer::from_pem_slice(key_pem)?,
+        )?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// A QUIC client endpoint on the loopback of `server`'s address family,
+/// its connections using `tls`.
+pub(crate) fn quic_client(
+    tls: rustls::ClientConfig,
+    server: SocketAddr,
+) -> anyhow::Result<quinn::Endpoint> {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let bind: SocketAddr = if server.is_ipv6() {
+        "[::1]:0".parse()?
+    } else {
+        "127.0.0.1:0".parse()?
+    };
+    let mut endpoint = quinn::Endpoint::client(bind)?;
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    Ok(endpoint)
 }
 
 /// The host config of a bench: generous limits for every tenant, but the

@@ -24,13 +24,11 @@ use crate::{
 use anyhow::Context as _;
 use bulkhead_core::{TenantId, identity::TrustDomain};
 use bytes::{Buf as _, Bytes};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
     time::Duration,
 };
 use tokio::{
@@ -228,23 +226,17 @@ async fn drive(
 type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 
 async fn connect(pki: &Path, tenant: &str, quic: SocketAddr) -> anyhow::Result<SendRequest> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from_pem_file(
-        pki.join(certs::SERVER_CA_FILE),
-    )?)?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            vec![CertificateDer::from_pem_file(
-                pki.join(format!("client-{tenant}.pem")),
-            )?],
-            PrivateKeyDer::from_pem_file(pki.join(format!("client-{tenant}.key")))?,
-        )?;
-    tls.alpn_protocols = QUIC_ALPN.iter().map(|p| p.to_vec()).collect();
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let read = |name: String| {
+        let path = pki.join(name);
+        std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let tls = crate::bench::tenant_tls(
+        &read(certs::SERVER_CA_FILE.to_owned())?,
+        &read(format!("client-{tenant}.pem"))?,
+        &read(format!("client-{tenant}.key"))?,
+        &QUIC_ALPN,
+    )?;
+    let endpoint = crate::bench::quic_client(tls, quic)?;
     let conn = endpoint.connect(quic, "localhost")?.await?;
     let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn)).await?;
     tokio::spawn(async move {

@@ -65,13 +65,11 @@ use super::{
 use crate::{certs, dispatch::QueuePolicy, tls::QUIC_ALPN};
 use anyhow::Context as _;
 use bytes::Bytes;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use serde::{Deserialize, Serialize};
 use std::{
     fmt::Write as _,
     net::{SocketAddr, ToSocketAddrs as _},
     path::{Path, PathBuf},
-    sync::Arc,
     time::Duration,
 };
 use tokio::time::Instant;
@@ -531,21 +529,16 @@ impl Target {
             let path = pki.join(name);
             std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
         };
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_slice(&read(
-            certs::SERVER_CA_FILE,
-        )?)?)?;
+        let server_ca = read(certs::SERVER_CA_FILE)?;
         let mut tls = Vec::new();
         for t in tenants {
             let id = super::tenant(&t.name);
-            let cert = CertificateDer::from_pem_slice(&read(&certs::client_cert_file(&id))?)?;
-            let key = PrivateKeyDer::from_pem_slice(&read(&certs::client_key_file(&id))?)?;
-            let mut config =
-                rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
-                    .with_protocol_versions(&[&rustls::version::TLS13])?
-                    .with_root_certificates(roots.clone())
-                    .with_client_auth_cert(vec![cert], key)?;
-            config.alpn_protocols = QUIC_ALPN.iter().map(|p| p.to_vec()).collect();
+            let config = super::tenant_tls(
+                &server_ca,
+                &read(&certs::client_cert_file(&id))?,
+                &read(&certs::client_key_file(&id))?,
+                &QUIC_ALPN,
+            )?;
             tls.push((t.name.clone(), config));
         }
         Ok(Self {
@@ -585,14 +578,7 @@ struct Conn {
 }
 
 async fn connect(target: &Target, tls: &rustls::ClientConfig) -> anyhow::Result<Conn> {
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.clone())?;
-    let bind: SocketAddr = if target.addr.is_ipv6() {
-        "[::1]:0".parse()?
-    } else {
-        "127.0.0.1:0".parse()?
-    };
-    let mut endpoint = quinn::Endpoint::client(bind)?;
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let endpoint = super::quic_client(tls.clone(), target.addr)?;
     let conn = endpoint
         .connect(target.addr, &target.server_name)?
         .await
