@@ -254,13 +254,19 @@ impl Backend for SimBackend {
 }
 
 impl SimBackend {
-    /// A byte token from the sequence's last token and position; never BOS or EOS.
+    /// A token from the sequence's last token and position: a printable
+    /// ASCII byte (never BOS or EOS), as a text model's tokens are text.
+    /// Arbitrary bytes would be half UTF-8 lead and continuation bytes,
+    /// which the front door holds back until a character is whole, and
+    /// every such hold would add whole steps to the time to first token
+    /// that no real model's output would.
     #[allow(clippy::cast_possible_truncation)]
     fn token_for(&self, s: &SeqStep<'_>) -> u32 {
         let last = u64::from(*s.tokens.last().expect("steps carry tokens"));
         let mut h = (last << 32 | u64::from(s.context_len())).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         h ^= h >> 29;
-        (h % 256) as u32 % self.cfg.vocab.min(256) as u32
+        let printable = u32::from(b'~' - b' ') + 1;
+        (u32::from(b' ') + (h % u64::from(printable)) as u32).min(self.cfg.vocab as u32 - 1)
     }
 }
 
