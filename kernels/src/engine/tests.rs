@@ -631,3 +631,74 @@ fn a_freed_slot_goes_to_the_waiting_tenant_running_the_fewest() {
         "the freed slot went to globex without preempting acme again"
     );
 }
+
+#[test]
+fn a_first_token_under_the_share_runs_without_prompts_of_tenants_over_it() {
+    // 8 slots. globex: three decoding, one long prompt mid-prefill (4 of 8
+    // slots, its share with two tenants running). acme's prompt arrives:
+    // acme is under its share and waits for a first token, so the next step
+    // runs globex's decodes and acme's prompt, and globex's prompt waits a step.
+    let mut engine = sim_engine(
+        512,
+        EngineConfig {
+            max_slots: 8,
+            ..EngineConfig::default()
+        },
+    );
+    for id in 1..=3 {
+        engine.submit(submit(id, "globex", text_prompt(20), 100));
+    }
+    engine.step().unwrap();
+    engine.submit(submit(4, "globex", text_prompt(700), 100));
+    let first = engine.step().unwrap().unwrap();
+    assert_eq!(
+        first.tokens,
+        3 + 253,
+        "decodes, then the long prompt's first chunk"
+    );
+    engine.submit(submit(5, "acme", text_prompt(20), 100));
+    let held = engine.step().unwrap().unwrap();
+    assert_eq!(
+        held.tokens,
+        3 + 20,
+        "globex's decodes and acme's prompt only"
+    );
+    let mut outcomes = HashMap::new();
+    absorb(&mut outcomes, engine.take_outbox());
+    assert_eq!(
+        outcomes[&RequestId(5)].tokens.len(),
+        1,
+        "acme's first token came with that step"
+    );
+    let next = engine.step().unwrap().unwrap();
+    assert_eq!(
+        next.tokens,
+        4 + 252,
+        "globex's prompt goes on at once after"
+    );
+}
+
+#[test]
+fn prompts_go_first_to_the_tenant_running_the_fewest() {
+    // acme runs 5 sequences, globex 2 (both under half of 16 slots, so
+    // nobody's prompts are held): globex's prompt is planned before acme's
+    // older one, whatever the arrival order.
+    let mut engine = sim_engine(
+        1024,
+        EngineConfig {
+            max_slots: 16,
+            ..EngineConfig::default()
+        },
+    );
+    for id in 1..=4 {
+        engine.submit(submit(id, "acme", text_prompt(20), 100));
+    }
+    engine.submit(submit(5, "globex", text_prompt(20), 100));
+    engine.step().unwrap();
+    engine.submit(submit(6, "acme", text_prompt(300), 100));
+    engine.submit(submit(7, "globex", text_prompt(300), 100));
+    engine.step().unwrap();
+    let order = engine.step_order();
+    let prompts: Vec<RequestId> = order.into_iter().skip(5).collect();
+    assert_eq!(prompts, vec![RequestId(7), RequestId(6)]);
+}
