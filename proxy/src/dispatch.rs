@@ -5,8 +5,11 @@
 //! with workers of its own (`process`, `mig`, `dedicated`). Whenever a worker
 //! can take a request, the group's queue picks whose turn it is (VTC): a
 //! worker takes work while it has a free slot, or, when it is full, for a
-//! tenant holding under half its share of the slots (the worker then
+//! tenant holding under its equal share of the slots (the worker then
 //! preempts the tenant most over its share; see `bulkhead_kernels::engine`).
+//! A tenant whose turn it is but whom no worker can take is passed over for
+//! the next in fair order, keeping its place: a busy tenant waiting for a
+//! slot never holds up a quiet one queued behind it.
 //!
 //! Each worker has a task ([`supervisor`]) that starts its process, connects,
 //! forwards submits and cancels, routes tokens back, and when the worker

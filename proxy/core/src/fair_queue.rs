@@ -421,6 +421,23 @@ impl<T> FairQueue<T> {
         Some(&self.state(slot).id)
     }
 
+    /// The payload of `tenant`'s head request: the one
+    /// [`FairQueue::dequeue_from`] would take.
+    pub fn head(&self, tenant: &TenantId) -> Option<&T> {
+        let &slot = self.slots.get(tenant)?;
+        self.state(slot).queue.front().map(|e| &e.payload)
+    }
+
+    /// The backlogged tenants in fair order, the next to be served first: for
+    /// a dispatcher that passes over a tenant no worker can take now and
+    /// serves the next (with [`FairQueue::dequeue_from`]) rather than let
+    /// it block everyone behind it.
+    pub fn tenants_in_order(&self) -> impl Iterator<Item = &TenantId> {
+        self.backlogged
+            .iter()
+            .map(|&(_, _, slot)| &self.state(slot).id)
+    }
+
     /// The tenant's service counter in the queue's internal fixed-point units;
     /// lower means less served. For ordering work across tenants (e.g. which
     /// prefill runs first in a batch), never for display.

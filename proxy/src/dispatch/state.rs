@@ -147,9 +147,58 @@ struct WorkerState {
     group: Option<TenantId>,
     tx: Option<mpsc::UnboundedSender<ProxyToWorker>>,
     info: Option<WorkerInfo>,
-    running: BTreeMap<RequestId, TenantId>,
+    running: Running,
     /// The worker's last capacity report.
     capacity: Option<Capacity>,
+}
+
+/// The requests on a worker, with a count per tenant, so that whether a
+/// full worker takes one more of a tenant costs O(1) on every pump.
+#[derive(Debug, Default)]
+struct Running {
+    requests: BTreeMap<RequestId, TenantId>,
+    per_tenant: HashMap<TenantId, usize>,
+}
+
+impl Running {
+    fn len(&self) -> usize {
+        self.requests.len()
+    }
+
+    fn insert(&mut self, id: RequestId, tenant: TenantId) {
+        *self.per_tenant.entry(tenant.clone()).or_insert(0) += 1;
+        if let Some(old) = self.requests.insert(id, tenant) {
+            self.forget(&old);
+        }
+    }
+
+    fn remove(&mut self, id: &RequestId) {
+        if let Some(tenant) = self.requests.remove(id) {
+            self.forget(&tenant);
+        }
+    }
+
+    fn forget(&mut self, tenant: &TenantId) {
+        if let Some(n) = self.per_tenant.get_mut(tenant) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_tenant.remove(tenant);
+            }
+        }
+    }
+
+    /// Every request, leaving none.
+    fn take(&mut self) -> Vec<RequestId> {
+        self.per_tenant.clear();
+        std::mem::take(&mut self.requests).into_keys().collect()
+    }
+
+    /// Requests of `tenant`, and tenants running with `tenant` counted in.
+    fn share_of(&self, tenant: &TenantId) -> (usize, usize) {
+        let mine = self.per_tenant.get(tenant).copied().unwrap_or(0);
+        let tenants = self.per_tenant.len() + usize::from(mine == 0);
+        (mine, tenants)
+    }
 }
 
 /// Everything the dispatcher knows.
@@ -216,7 +265,7 @@ impl State {
                     group: w.dedicated.clone(),
                     tx: None,
                     info: None,
-                    running: BTreeMap::new(),
+                    running: Running::default(),
                     capacity: None,
                 })
                 .collect(),
@@ -327,16 +376,12 @@ impl State {
         if running < slots {
             return true;
         }
-        let mine = worker.running.values().filter(|t| *t == tenant).count();
-        let mut tenants: Vec<&TenantId> = worker.running.values().collect();
-        tenants.push(tenant);
-        tenants.sort_unstable();
-        tenants.dedup();
+        let (mine, tenants) = worker.running.share_of(tenant);
         // A full worker still takes a request of a tenant under its equal
         // share: the worker gives that tenant the next free slot (and
         // preempts at once below half the share). Over-commit is bounded by
         // the shares themselves.
-        mine * tenants.len() < slots
+        mine * tenants < slots
     }
 
     /// Hands queued requests to workers that can take them, in fair order
@@ -350,48 +395,47 @@ impl State {
             return;
         }
         for key in keys {
-            while let Some(tenant) = self.groups[&key].queue.peek_tenant().cloned() {
-                let candidates: Vec<usize> = (0..self.workers.len())
-                    .filter(|&w| self.workers[w].group == key && self.can_take(w, &tenant))
-                    .collect();
-                let Some(next) = self.groups.get_mut(&key).and_then(|g| g.queue.dequeue()) else {
+            while let Some((tenant, w)) = self.next_fair(&key) {
+                let Some(next) = self
+                    .groups
+                    .get_mut(&key)
+                    .and_then(|g| g.queue.dequeue_from(&tenant))
+                else {
                     break;
                 };
-                let id = next.payload;
-                let live = self
-                    .requests
-                    .get_mut(&id)
-                    .expect("queued requests are live");
-                live.handle = None;
-                let model = live
-                    .submit
-                    .as_ref()
-                    .map(|s| s.model.clone())
-                    .expect("undispatched");
-                let chosen = candidates
-                    .into_iter()
-                    .filter(|&w| {
-                        self.workers[w]
-                            .info
-                            .as_ref()
-                            .is_some_and(|i| i.models.contains(&model))
-                    })
-                    .min_by_key(|&w| self.workers[w].running.len());
-                let Some(w) = chosen else {
-                    // Nobody can take the tenant at the head now: put it back.
-                    let g = self.groups.get_mut(&key).expect("group exists");
-                    let live = self.requests.get_mut(&id).expect("live");
-                    let prompt = live.submit.as_ref().map_or(0, |s| s.prompt_tokens.len());
-                    let handle = g
-                        .queue
-                        .requeue_front(&next.tenant, u32::try_from(prompt).unwrap_or(u32::MAX), id)
-                        .expect("the tenant is registered");
-                    live.handle = Some(handle);
-                    break;
-                };
-                self.send_to(id, w, next.tenant);
+                self.requests
+                    .get_mut(&next.payload)
+                    .expect("queued requests are live")
+                    .handle = None;
+                self.send_to(next.payload, w, next.tenant);
             }
         }
+    }
+
+    /// The first tenant of group `key`, in fair order, whose head request a
+    /// worker can take now, and the least busy such worker. A tenant no
+    /// worker can take (at or over its share of full workers, or asking
+    /// for a model none serves) is passed over, not waited on: it must not
+    /// hold up a quiet tenant queued behind it.
+    #[allow(clippy::ref_option)] // the groups' map key, as it is
+    fn next_fair(&self, key: &Option<TenantId>) -> Option<(TenantId, usize)> {
+        let group = self.groups.get(key)?;
+        group.queue.tenants_in_order().find_map(|tenant| {
+            let head = group.queue.head(tenant)?;
+            let model = &self.requests.get(head)?.submit.as_ref()?.model;
+            (0..self.workers.len())
+                .filter(|&w| {
+                    let worker = &self.workers[w];
+                    worker.group == *key
+                        && worker
+                            .info
+                            .as_ref()
+                            .is_some_and(|i| i.models.contains(model))
+                        && self.can_take(w, tenant)
+                })
+                .min_by_key(|&w| self.workers[w].running.len())
+                .map(|w| (tenant.clone(), w))
+        })
     }
 
     /// [`QueuePolicy::Fifo`]: the oldest queued request of group `key` goes
@@ -487,7 +531,7 @@ impl State {
         let w = &mut self.workers[index];
         w.tx = None;
         w.capacity = None;
-        let lost: Vec<RequestId> = std::mem::take(&mut w.running).into_keys().collect();
+        let lost = w.running.take();
         let message = format!("worker {} failed: {why}; the request was lost", w.id);
         for id in lost {
             self.fail(id, &message);
@@ -624,5 +668,119 @@ impl State {
 
     pub fn all_alive(&self) -> bool {
         self.workers.iter().all(|w| w.tx.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulkhead_core::wire::{FinishReason, WorkerBackend};
+
+    fn tenant(name: &str) -> TenantId {
+        TenantId::new(name).unwrap()
+    }
+
+    fn job(who: &str, prompt: usize) -> Job {
+        Job {
+            tenant: tenant(who),
+            model: "m".to_owned(),
+            prompt_tokens: vec![65; prompt],
+            max_tokens: 8,
+            sampling: Sampling::default(),
+            kv_block_quota: 100,
+        }
+    }
+
+    /// A fair-queue state of `tenants` and one shared worker of `slots`, up.
+    fn state(tenants: &[&str], slots: u32) -> (State, mpsc::UnboundedReceiver<ProxyToWorker>) {
+        let slots_of: Vec<TenantSlot> = tenants
+            .iter()
+            .map(|t| TenantSlot {
+                id: tenant(t),
+                weight: 1,
+                max_queued: 16,
+                dedicated: false,
+            })
+            .collect();
+        let worker = WorkerSpec {
+            id: 0,
+            socket: std::path::PathBuf::new(),
+            spawn_args: None,
+            dedicated: None,
+            program: None,
+        };
+        let mut s = State::new(HashMap::new(), &slots_of, &[worker], QueuePolicy::Fair);
+        s.set_tenants(&slots_of, ServiceWeights::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        s.worker_up(
+            0,
+            tx,
+            WorkerInfo {
+                backend: WorkerBackend::Sim,
+                models: vec!["m".to_owned()],
+                max_slots: slots,
+                total_blocks: 100,
+                block_tokens: 16,
+            },
+        );
+        (s, rx)
+    }
+
+    fn submitted(rx: &mut mpsc::UnboundedReceiver<ProxyToWorker>) -> Vec<TenantId> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .filter_map(|m| match m {
+                ProxyToWorker::Submit(s) => Some(s.tenant),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_tenant_no_worker_can_take_does_not_hold_up_the_one_behind_it() {
+        let (mut s, mut rx) = state(&["alpha", "bravo"], 2);
+        let (sink, _events) = mpsc::unbounded_channel();
+        // alpha and bravo share the two slots; bravo queues two more.
+        let first = s.submit(job("alpha", 10), sink.clone()).unwrap();
+        for _ in 0..3 {
+            s.submit(job("bravo", 10), sink.clone()).unwrap();
+        }
+        assert_eq!(submitted(&mut rx).len(), 2);
+        // alpha's request streams a long answer, charged as it comes, and
+        // ends: its counter is now far above bravo's, and bravo takes the slot.
+        s.on_frame(
+            0,
+            WorkerToProxy::Tokens {
+                request_id: first,
+                first_index: 0,
+                tokens: vec![65; 2_000],
+            },
+        );
+        s.on_frame(
+            0,
+            WorkerToProxy::Finished(Finished {
+                request_id: first,
+                reason: FinishReason::Length,
+                prompt_tokens: 10,
+                output_tokens: 2_000,
+                prefix_cache_hit_tokens: 0,
+                error: None,
+            }),
+        );
+        assert_eq!(submitted(&mut rx), vec![tenant("bravo")]);
+        // bravo now holds both slots, its third request queued: a full
+        // worker and bravo alone on it, at its share, so no worker takes it.
+        assert_eq!(s.queued_for(&tenant("bravo")), 1);
+        // alpha comes back: behind bravo in fair order (its counter is
+        // higher), yet under its share of the full worker, so it goes now.
+        let queue = &s.groups[&None].queue;
+        assert!(queue.priority(&tenant("alpha")) > queue.priority(&tenant("bravo")));
+        s.submit(job("alpha", 10), sink).unwrap();
+        assert_eq!(submitted(&mut rx), vec![tenant("alpha")]);
+        assert_eq!(s.queued_for(&tenant("bravo")), 1, "bravo still waits");
+        assert_eq!(
+            s.groups[&None].queue.peek_tenant(),
+            Some(&tenant("bravo")),
+            "bravo kept its place at the head"
+        );
     }
 }

@@ -81,6 +81,11 @@ impl<E> TenantQueue<E> {
             .is_ok_and(|at| self.items[at].1.is_some())
     }
 
+    /// The first live entry.
+    pub(super) fn front(&self) -> Option<&E> {
+        self.items.iter().find_map(|(_, e)| e.as_ref())
+    }
+
     /// Live entries in order.
     #[cfg(test)]
     pub(super) fn iter(&self) -> impl Iterator<Item = (u64, &E)> {
