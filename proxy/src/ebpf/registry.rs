@@ -55,6 +55,19 @@ impl TenantSlots {
         Ok(next)
     }
 
+    /// `previous` (the slots before a reload that was then refused) put
+    /// back after these (the refused reload's): every tenant of `previous`
+    /// in its own slot again, so flows registered under it still count, and
+    /// slots the refused reload gave out stay inactive and never given out
+    /// again.
+    #[must_use]
+    pub fn restored(&self, previous: &Self) -> Self {
+        Self {
+            by_tenant: previous.by_tenant.clone(),
+            next: previous.next.max(self.next),
+        }
+    }
+
     /// The slot of `tenant`.
     pub fn slot(&self, tenant: &TenantId) -> Option<u32> {
         self.by_tenant.get(tenant).copied()
@@ -121,6 +134,28 @@ impl KernelFlows {
         let settings = limits::settings(&config.ebpf)?;
         let report = self.with_plane(|p| p.apply_table(&table, settings))?;
         *self.slots.write().unwrap_or_else(PoisonError::into_inner) = next;
+        Ok(report)
+    }
+
+    /// The slots in force.
+    pub fn slots(&self) -> TenantSlots {
+        self.read_slots().clone()
+    }
+
+    /// Undoes [`Self::apply_config`] after the rest of a reload was refused:
+    /// `previous` (what [`Self::slots`] gave before it) and `config`'s
+    /// limits are written back, each tenant in its old slot (see
+    /// [`TenantSlots::restored`]).
+    pub fn restore(
+        &self,
+        previous: &TenantSlots,
+        config: &Config,
+    ) -> Result<ApplyReport, EbpfError> {
+        let back = self.read_slots().restored(previous);
+        let table = back.table(config)?;
+        let settings = limits::settings(&config.ebpf)?;
+        let report = self.with_plane(|p| p.apply_table(&table, settings))?;
+        *self.slots.write().unwrap_or_else(PoisonError::into_inner) = back;
         Ok(report)
     }
 
@@ -213,5 +248,33 @@ mod tests {
         let active: Vec<bool> = table.iter().map(|l| l.flags != 0).collect();
         assert_eq!(active, [true, false, false, false, true]);
         assert_eq!(table[4].mark, limits::tenant_mark(4));
+    }
+
+    #[test]
+    fn a_refused_reload_puts_every_tenant_back_in_its_own_slot() {
+        let before = TenantSlots::from_config(&config(&["a", "b", "c"])).unwrap();
+        // The refused reload dropped b and added d.
+        let refused = before.reassigned(&config(&["a", "c", "d"])).unwrap();
+        assert_eq!(refused.slot(&id("d")), Some(3));
+        let back = refused.restored(&before);
+        // b is in slot 1 again (its open flows still count), not a new slot
+        // as re-applying the old config over the refused slots would give.
+        assert_eq!(
+            ["a", "b", "c", "d"].map(|t| back.slot(&id(t))),
+            [Some(0), Some(1), Some(2), None]
+        );
+        assert_eq!(
+            refused
+                .reassigned(&config(&["a", "b", "c"]))
+                .unwrap()
+                .slot(&id("b")),
+            Some(4)
+        );
+        // d's slot stays inactive and is never given out again.
+        let table = back.table(&config(&["a", "b", "c"])).unwrap();
+        let active: Vec<bool> = table.iter().map(|l| l.flags != 0).collect();
+        assert_eq!(active, [true, true, true, false]);
+        let later = back.reassigned(&config(&["a", "e"])).unwrap();
+        assert_eq!(later.slot(&id("e")), Some(4));
     }
 }

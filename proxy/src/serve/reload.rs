@@ -121,14 +121,17 @@ impl Reloader {
         let tls = ServerTls::from_paths(&next.tls)?;
         let quic_tls = self.quic_tls.prepare(tls.quic)?;
         let kernel_slots = match &self.flows {
-            Some(flows) => Some(flows.apply_config(&next)?.tenants),
+            Some(flows) => {
+                let before = flows.slots();
+                Some((flows.apply_config(&next)?.tenants, before))
+            }
             None => None,
         };
         let tenants = match self.app.reload(next) {
             Ok(changes) => changes,
             Err(err) => {
-                if let Some(flows) = &self.flows
-                    && let Err(back) = flows.apply_config(&current)
+                if let (Some(flows), Some((_, before))) = (&self.flows, &kernel_slots)
+                    && let Err(back) = flows.restore(before, &current)
                 {
                     tracing::error!(
                         "putting the kernel limits back after a refused reload failed: {}",
@@ -143,7 +146,7 @@ impl Reloader {
         self.tcp_tls.set(tls.tcp);
         Ok(ReloadReport {
             tenants,
-            kernel_slots,
+            kernel_slots: kernel_slots.map(|(slots, _)| slots),
         })
     }
 
