@@ -610,12 +610,11 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The order a step serves its sequences in: every decode first (oldest
-    /// first), then prefills shared out between tenants. Each next prefill
-    /// goes to the tenant given the fewest prefill tokens so far in this
-    /// step (then the one running the fewest sequences, then the older
-    /// request), so a tenant's first token never waits behind another
-    /// tenant's backlog of prompts: a quiet tenant's prompt is in the very
-    /// next step, whatever a busy one has queued.
+    /// first), then prompt chunks shared out between tenants. Each next
+    /// chunk goes to the tenant running the fewest sequences (then the one
+    /// given the fewest prompt tokens so far in this step, then the older
+    /// request), so a quiet tenant's prompt never waits behind a busy
+    /// one's backlog of prompts.
     fn step_order(&self) -> Vec<RequestId> {
         let (mut decodes, mut prefills): (Vec<RequestId>, Vec<RequestId>) = self
             .running
@@ -676,8 +675,10 @@ impl<B: Backend> Engine<B> {
     /// bursting one, over its solo value, fell from 1.36× to 1.20×; end to
     /// end, `bulkhead bench load` measured the busy tenant's throughput 1%
     /// lower.)
-    /// The rule cannot starve anyone: a tenant that falls under its share is
-    /// under it too, and its own first tokens then come first.
+    ///
+    /// The rule cannot starve anyone: a tenant held back keeps its decodes,
+    /// and one that falls under its share is no longer held back: its own
+    /// first tokens then come first.
     fn plan(&mut self) -> Result<Vec<(RequestId, usize)>, BackendError> {
         let order = self.step_order();
         let under = self.under_share();
