@@ -615,7 +615,7 @@ impl<B: Backend> Engine<B> {
     /// given the fewest prompt tokens so far in this step, then the older
     /// request), so a quiet tenant's prompt never waits behind a busy
     /// one's backlog of prompts.
-    fn step_order(&self) -> Vec<RequestId> {
+    fn step_order(&self, running: &BTreeMap<TenantId, usize>) -> Vec<RequestId> {
         let (mut decodes, mut prefills): (Vec<RequestId>, Vec<RequestId>) = self
             .running
             .iter()
@@ -629,7 +629,6 @@ impl<B: Backend> Engine<B> {
                 .or_default()
                 .push_back(id);
         }
-        let running = self.running_per_tenant();
         let mut given: BTreeMap<&TenantId, usize> = BTreeMap::new();
         let mut order = decodes;
         while let Some((&tenant, _)) = by_tenant.iter().min_by_key(|&(t, q)| {
@@ -652,13 +651,13 @@ impl<B: Backend> Engine<B> {
         order
     }
 
-    /// The tenants running under their equal share of the slots.
-    fn under_share(&self) -> BTreeSet<TenantId> {
-        let counts = self.running_per_tenant();
-        let tenants = counts.len();
-        counts
-            .into_iter()
-            .filter(|&(_, n)| n * tenants < self.cfg.max_slots)
+    /// The tenants of `running` (sequences per tenant) under their equal
+    /// share of the slots.
+    fn under_share<'r>(&self, running: &'r BTreeMap<TenantId, usize>) -> BTreeSet<&'r TenantId> {
+        let tenants = running.len();
+        running
+            .iter()
+            .filter(|&(_, &n)| n * tenants < self.cfg.max_slots)
             .map(|(t, _)| t)
             .collect()
     }
@@ -680,8 +679,9 @@ impl<B: Backend> Engine<B> {
     /// and one that falls under its share is no longer held back: its own
     /// first tokens then come first.
     fn plan(&mut self) -> Result<Vec<(RequestId, usize)>, BackendError> {
-        let order = self.step_order();
-        let under = self.under_share();
+        let running = self.running_per_tenant();
+        let order = self.step_order(&running);
+        let under = self.under_share(&running);
         let first_token = |s: &Seq| s.emitted == 0 && s.tokens.len() - s.computed > 1;
         let hold_others = order.iter().any(|id| {
             let s = &self.seqs[id];

@@ -698,7 +698,7 @@ fn prompts_go_first_to_the_tenant_running_the_fewest() {
     engine.submit(submit(6, "acme", text_prompt(300), 100));
     engine.submit(submit(7, "globex", text_prompt(300), 100));
     engine.step().unwrap();
-    let order = engine.step_order();
+    let order = engine.step_order(&engine.running_per_tenant());
     let prompts: Vec<RequestId> = order.into_iter().skip(5).collect();
     assert_eq!(prompts, vec![RequestId(7), RequestId(6)]);
 }
