@@ -130,11 +130,7 @@ impl KernelFlows {
     /// ones' slots go inactive. On failure the slots stay as they were.
     pub fn apply_config(&self, config: &Config) -> Result<ApplyReport, EbpfError> {
         let next = self.read_slots().reassigned(config)?;
-        let table = next.table(config)?;
-        let settings = limits::settings(&config.ebpf)?;
-        let report = self.with_plane(|p| p.apply_table(&table, settings))?;
-        *self.slots.write().unwrap_or_else(PoisonError::into_inner) = next;
-        Ok(report)
+        self.write(next, config)
     }
 
     /// The slots in force.
@@ -152,10 +148,16 @@ impl KernelFlows {
         config: &Config,
     ) -> Result<ApplyReport, EbpfError> {
         let back = self.read_slots().restored(previous);
-        let table = back.table(config)?;
+        self.write(back, config)
+    }
+
+    /// Writes `config`'s limits and settings into the kernel by `slots`,
+    /// then puts `slots` in force; on failure the slots stay as they were.
+    fn write(&self, slots: TenantSlots, config: &Config) -> Result<ApplyReport, EbpfError> {
+        let table = slots.table(config)?;
         let settings = limits::settings(&config.ebpf)?;
         let report = self.with_plane(|p| p.apply_table(&table, settings))?;
-        *self.slots.write().unwrap_or_else(PoisonError::into_inner) = back;
+        *self.slots.write().unwrap_or_else(PoisonError::into_inner) = slots;
         Ok(report)
     }
 

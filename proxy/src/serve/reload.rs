@@ -120,17 +120,15 @@ impl Reloader {
         // Everything that can fail on its own is read before anything is applied.
         let tls = ServerTls::from_paths(&next.tls)?;
         let quic_tls = self.quic_tls.prepare(tls.quic)?;
+        let slots_before = self.flows.as_ref().map(|flows| flows.slots());
         let kernel_slots = match &self.flows {
-            Some(flows) => {
-                let before = flows.slots();
-                Some((flows.apply_config(&next)?.tenants, before))
-            }
+            Some(flows) => Some(flows.apply_config(&next)?.tenants),
             None => None,
         };
         let tenants = match self.app.reload(next) {
             Ok(changes) => changes,
             Err(err) => {
-                if let (Some(flows), Some((_, before))) = (&self.flows, &kernel_slots)
+                if let (Some(flows), Some(before)) = (&self.flows, &slots_before)
                     && let Err(back) = flows.restore(before, &current)
                 {
                     tracing::error!(
@@ -146,7 +144,7 @@ impl Reloader {
         self.tcp_tls.set(tls.tcp);
         Ok(ReloadReport {
             tenants,
-            kernel_slots: kernel_slots.map(|(slots, _)| slots),
+            kernel_slots,
         })
     }
 
