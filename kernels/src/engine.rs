@@ -60,6 +60,9 @@ use std::{
     time::Duration,
 };
 
+/// The default [`EngineConfig::over_share_prompt_tokens`].
+pub const DEFAULT_OVER_SHARE_PROMPT_TOKENS: usize = 136;
+
 /// How the engine batches.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -72,9 +75,23 @@ pub struct EngineConfig {
     /// keeps a full step of a 70B-class model on one H100 near 55 ms
     /// (`deploy/calibration/h100-sxm-llama3-70b-fp8.toml`); 512 let a quiet
     /// tenant wait behind ~90 ms steps of a busy one's prompts.
+    ///
+    /// Tenants under their equal share of the slots get this budget for
+    /// their own tokens as if they ran alone: the decodes of tenants over
+    /// their share do not count against it. A step can so exceed it by
+    /// those decodes (one token each, which a memory-bound step hardly
+    /// notices).
     pub max_step_tokens: usize,
     /// Most prompt tokens of one sequence in one step.
     pub prefill_chunk: usize,
+    /// Most prompt tokens, in one step, of the tenants at or over their
+    /// equal share of the slots while a tenant under its share is running.
+    /// The step running when a quiet tenant's request arrives is what that
+    /// request waits for first, so this bounds how much a busy tenant's
+    /// prompts add to a quiet tenant's time to first token, at the cost of
+    /// the busy tenant's prompt throughput while both run. Set it to
+    /// `max_step_tokens` or more for no cap.
+    pub over_share_prompt_tokens: usize,
     /// The tenants this worker serves; `None` serves any tenant the proxy sends.
     pub tenants: Option<BTreeSet<TenantId>>,
     /// Names requests may use for the model (the model's own name is always one).
@@ -87,6 +104,7 @@ impl Default for EngineConfig {
             max_slots: 32,
             max_step_tokens: 256,
             prefill_chunk: 256,
+            over_share_prompt_tokens: DEFAULT_OVER_SHARE_PROMPT_TOKENS,
             tenants: None,
             model_aliases: Vec::new(),
         }
@@ -664,20 +682,24 @@ impl<B: Backend> Engine<B> {
 
     /// This step's batch: `(request, tokens to run)` in [`Self::step_order`].
     ///
-    /// First tokens first: when a tenant under its equal share of the slots
-    /// has a prompt waiting for its first token, the step runs that prompt
-    /// and every decode, and no prompt of a tenant at or over its share. A
-    /// step is as long as its prompt tokens make it, so this keeps a quiet
-    /// tenant's first step short; the busy tenant's prompts wait one step
-    /// and lose no budget. (`tests/engine_fairness.rs` runs the seed's
-    /// scenario in modelled time: a quiet tenant's p99 TTFT next to a
-    /// bursting one, over its solo value, fell from 1.36× to 1.20×; end to
-    /// end, `bulkhead bench load` measured the busy tenant's throughput 1%
-    /// lower.)
+    /// Tenants under their equal share of the slots ("quiet" here) are
+    /// planned as if they ran alone, and the others fit around them:
+    /// - First tokens first: while a quiet tenant has a prompt waiting for
+    ///   its first token, the step runs that prompt and every decode, and no
+    ///   prompt of a tenant at or over its share. Those prompts wait one
+    ///   step and lose no budget.
+    /// - Quiet tenants' tokens have [`EngineConfig::max_step_tokens`] to
+    ///   themselves: other tenants' decodes do not count against it.
+    /// - While a quiet tenant is running, the prompts of the others get at
+    ///   most [`EngineConfig::over_share_prompt_tokens`] per step, which
+    ///   bounds the step a quiet tenant's new request lands in.
     ///
-    /// The rule cannot starve anyone: a tenant held back keeps its decodes,
-    /// and one that falls under its share is no longer held back: its own
-    /// first tokens then come first.
+    /// `tests/engine_fairness.rs` runs the seed's scenario in modelled time
+    /// and has the measured effect of each rule.
+    ///
+    /// None of this can starve anyone: a tenant held back keeps its decodes
+    /// and a share of each step's prompt budget, and one that falls under
+    /// its share becomes quiet itself.
     fn plan(&mut self) -> Result<Vec<(RequestId, usize)>, BackendError> {
         let running = self.running_per_tenant();
         let order = self.step_order(&running);
@@ -687,29 +709,47 @@ impl<B: Backend> Engine<B> {
             let s = &self.seqs[id];
             first_token(s) && under.contains(&s.tenant)
         });
+        // Every token of the step; the quiet tenants' tokens; the others' prompts.
         let mut budget = self.cfg.max_step_tokens;
+        let mut quiet_budget = self.cfg.max_step_tokens;
+        let mut busy_prompt_budget = if under.is_empty() {
+            usize::MAX
+        } else {
+            self.cfg.over_share_prompt_tokens
+        };
         let mut plan: Vec<(RequestId, usize)> = Vec::new();
         let block_tokens = self.backend.kv_shape().block_tokens;
         for id in order {
-            if budget == 0 {
-                break;
-            }
             if !self.running.contains(&id) {
                 continue; // preempted while planning
             }
             let seq = &self.seqs[&id];
             let prefill = seq.tokens.len() - seq.computed > 1;
-            if prefill && hold_others && !under.contains(&seq.tenant) {
+            let quiet = under.contains(&seq.tenant);
+            if prefill && !quiet && hold_others {
                 continue;
             }
+            let room = match (prefill, quiet) {
+                (true, true) => quiet_budget,
+                (true, false) => budget.min(busy_prompt_budget),
+                (false, _) => budget,
+            };
             let chunk = (seq.tokens.len() - seq.computed)
                 .min(self.cfg.prefill_chunk)
-                .min(budget);
+                .min(room);
+            if chunk == 0 {
+                continue;
+            }
             let need = (seq.computed + chunk).div_ceil(block_tokens);
             match self.grow(id, need, &plan)? {
                 Grow::Ok => {
                     plan.push((id, chunk));
-                    budget -= chunk;
+                    budget = budget.saturating_sub(chunk);
+                    if quiet {
+                        quiet_budget = quiet_budget.saturating_sub(chunk);
+                    } else if prefill {
+                        busy_prompt_budget -= chunk;
+                    }
                 }
                 Grow::Wait => {}
                 Grow::Failed(detail) => {

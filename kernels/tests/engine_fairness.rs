@@ -5,7 +5,12 @@
 //! the worker while it has a free slot or the tenant holds under its equal
 //! share). Time is the backend's modelled step time, so the result is exact
 //! and the same on every machine; `bulkhead bench seed` measures the same
-//! scenario end to end, in real time, over HTTP/3.
+//! scenario end to end, in real time, over HTTP/3 (and agrees: 84.6 ms
+//! for A alone, 101.0 ms beside B, over 120 s).
+//!
+//! Every prompt is its own, as the bench's are. An earlier version of this
+//! file gave every request the same prompt, so each tenant's prefix cache
+//! made prefill nearly free and the replay measured another scenario.
 
 use bulkhead_core::{
     TenantId,
@@ -60,6 +65,18 @@ fn arrivals(load: Load, seconds: f64, rng: &mut SplitMix64) -> Vec<(f64, usize)>
     }
 }
 
+/// A prompt of `len` printable tokens from the request's own generator.
+/// No two requests share a first block, as with the bench's numbered
+/// prompts, so every prompt token is computed: prompts with a common prefix
+/// would hit the tenant's prefix cache and make most of prefill free.
+#[allow(clippy::cast_possible_truncation)]
+fn prompt(id: RequestId, len: usize) -> Vec<u32> {
+    let mut rng = SplitMix64::new(id.0 as u64 ^ (id.0 >> 64) as u64);
+    (0..len)
+        .map(|_| 32 + (rng.next_u64() % 95) as u32)
+        .collect()
+}
+
 fn calibration() -> CostModel {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../deploy/calibration/h100-sxm-llama3-70b-fp8.toml");
@@ -79,7 +96,7 @@ struct Pending {
 type Served = (Vec<f64>, usize, usize);
 
 /// Runs the scenario for each tenant.
-fn simulate(loads: &[Load], seconds: f64, seed: u64) -> Vec<Served> {
+fn simulate(loads: &[Load], seconds: f64, seed: u64, cfg: &EngineConfig) -> Vec<Served> {
     let tenants: Vec<TenantId> = ["alpha", "bravo"][..loads.len()]
         .iter()
         .map(|n| TenantId::new(n).unwrap())
@@ -101,7 +118,7 @@ fn simulate(loads: &[Load], seconds: f64, seed: u64) -> Vec<Served> {
         backend,
         EngineConfig {
             max_slots: SLOTS,
-            ..EngineConfig::default()
+            ..cfg.clone()
         },
     );
     let mut proxy = Proxy {
@@ -229,8 +246,7 @@ impl Proxy {
                     request_id: p.id,
                     tenant: self.tenants[p.tenant].clone(),
                     model: "bulkhead-tiny".to_owned(),
-                    #[allow(clippy::cast_possible_truncation)]
-                    prompt_tokens: (0..p.prompt).map(|i| 32 + (i as u32 % 90)).collect(),
+                    prompt_tokens: prompt(p.id, p.prompt),
                     max_tokens: OUTPUT,
                     sampling: Sampling {
                         temperature: 0.0,
@@ -261,6 +277,15 @@ fn pct(v: &mut [f64], q: f64) -> f64 {
     v[i]
 }
 
+/// A's p50 and p99 TTFT, B's served output tokens/s, and the requests of A refused.
+fn measure(served: &mut [Served], seconds: f64) -> (f64, f64, f64, usize) {
+    let a_p50 = pct(&mut served[0].0, 0.5);
+    let a_p99 = pct(&mut served[0].0, 0.99);
+    #[allow(clippy::cast_precision_loss)]
+    let b_tokens_per_s = served.get(1).map_or(0.0, |b| b.2 as f64 / (seconds * 0.75));
+    (a_p50, a_p99, b_tokens_per_s, served[0].1)
+}
+
 #[test]
 fn a_quiet_tenant_keeps_its_solo_ttft_next_to_a_bursting_one() {
     let a = Load {
@@ -271,43 +296,60 @@ fn a_quiet_tenant_keeps_its_solo_ttft_next_to_a_bursting_one() {
         rate: 200.0,
         burst: Some((1.0, 2.0)),
     };
-    let seconds = 40.0;
-    // What the worker serves of these requests at a full batch (the
-    // calibration file's arithmetic): ~43 req/s of 32 output tokens.
+    // Long enough for a steady p99 (~2,900 of A's requests after warm-up;
+    // over 40 s, the ~290 of one `bench seed` row, p99 moves by ±10% from
+    // seed to seed).
+    let seconds = 400.0;
+    let seed = 1;
+    let defaults = EngineConfig::default();
+    let uncapped = EngineConfig {
+        over_share_prompt_tokens: defaults.max_step_tokens,
+        ..EngineConfig::default()
+    };
+    let (solo_p50, solo, _, _) = measure(&mut simulate(&[a], seconds, seed, &defaults), seconds);
+    let (p50, with_b, b_tokens, refused) =
+        measure(&mut simulate(&[a, b], seconds, seed, &defaults), seconds);
+    let (_, with_b_uncapped, b_tokens_uncapped, _) =
+        measure(&mut simulate(&[a, b], seconds, seed, &uncapped), seconds);
+    println!(
+        "A's TTFT alone: p50 {:.1} ms, p99 {:.1} ms; next to B: p50 {:.1} ms, p99 {:.1} ms ({:.3}x), \
+         B {b_tokens:.0} tokens/s; without the cap on B's prompts: A's p99 {:.1} ms ({:.3}x), \
+         B {b_tokens_uncapped:.0} tokens/s",
+        solo_p50 * 1e3,
+        solo * 1e3,
+        p50 * 1e3,
+        with_b * 1e3,
+        with_b / solo,
+        with_b_uncapped * 1e3,
+        with_b_uncapped / solo,
+    );
+    // The issue's goal, in modelled time: A's p99 within 1.2x of A alone.
+    // Measured: 97.9 ms against 83.0 ms (1.18x); without the cap 104.7 ms
+    // (1.26x); the engine before the cap and the quiet tenants' own step
+    // budget, 106.5 ms (1.28x).
+    assert!(
+        with_b <= solo * 1.2,
+        "A's p99 TTFT {with_b:.4} s next to B, {solo:.4} s alone"
+    );
+    assert!(
+        with_b_uncapped > with_b,
+        "the cap on B's prompts made no difference to A"
+    );
+    // What the cap costs B, bounded (measured 979 against 1029 tokens/s, 5%), and B still keeps
+    // most of what A leaves: the worker's capacity (~43 req/s of 32 output
+    // tokens at a full batch, the calibration file's arithmetic) less A's
+    // ~300 tokens/s.
+    assert!(
+        b_tokens >= 0.92 * b_tokens_uncapped,
+        "the cap cost B more than 8%: {b_tokens:.0} against {b_tokens_uncapped:.0} tokens/s"
+    );
     let capacity_tokens = 43.0 * f64::from(OUTPUT);
-    for seed in 1..=3 {
-        let mut alone = simulate(&[a], seconds, seed);
-        let mut shared = simulate(&[a, b], seconds, seed);
-        let solo = pct(&mut alone[0].0, 0.99);
-        let with_b = pct(&mut shared[0].0, 0.99);
-        #[allow(clippy::cast_precision_loss)]
-        let b_tokens_per_s = shared[1].2 as f64 / (seconds * 0.75);
-        println!(
-            "seed {seed}: A's TTFT alone p50 {:.1} ms p99 {:.1} ms; next to B p50 {:.1} ms p99 {:.1} ms ({:.2}x); \
-             B p99 {:.1} ms, {b_tokens_per_s:.0} tokens/s, {} refused",
-            pct(&mut alone[0].0, 0.5) * 1e3,
-            solo * 1e3,
-            pct(&mut shared[0].0, 0.5) * 1e3,
-            with_b * 1e3,
-            with_b / solo,
-            pct(&mut shared[1].0, 0.99) * 1e3,
-            shared[1].1,
-        );
-        // Measured: 1.21, 1.31 and 1.22x for seeds 1 to 3. The engine before
-        // first-tokens-first and the fair prefill order: 1.28x, then 1.40x for seed 2.
-        assert!(
-            with_b <= solo * 1.35,
-            "seed {seed}: A's p99 TTFT {with_b:.4} s next to B, {solo:.4} s alone"
-        );
-        // B keeps what A leaves: the worker's capacity less A's ~300 tokens/s.
-        assert!(
-            b_tokens_per_s >= 0.9 * (capacity_tokens - 10.0 * f64::from(OUTPUT)),
-            "seed {seed}: B was served {b_tokens_per_s:.0} tokens/s"
-        );
-        assert!(
-            shared[0].1 == 0,
-            "A's queue never fills, yet {} were refused",
-            shared[0].1
-        );
-    }
+    assert!(
+        b_tokens >= 0.85 * (capacity_tokens - 10.0 * f64::from(OUTPUT)),
+        "B was served {b_tokens:.0} tokens/s"
+    );
+    assert!(
+        refused == 0,
+        "A's queue never fills, yet {refused} were refused"
+    );
 }

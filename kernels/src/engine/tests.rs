@@ -673,8 +673,71 @@ fn a_first_token_under_the_share_runs_without_prompts_of_tenants_over_it() {
     let next = engine.step().unwrap().unwrap();
     assert_eq!(
         next.tokens,
-        4 + 252,
-        "globex's prompt goes on at once after"
+        4 + 136,
+        "globex's prompt goes on at once after, within the cap on prompts over the share"
+    );
+}
+
+#[test]
+fn a_quiet_tenant_has_the_step_budget_it_would_have_alone() {
+    // 8 slots, 64 tokens a step. globex decodes 5 sequences (over its share
+    // of 4). acme's 62-token prompt runs whole in the next step: globex's
+    // decodes do not count against acme's budget, so the step is 5 + 62.
+    let mut engine = sim_engine(
+        512,
+        EngineConfig {
+            max_slots: 8,
+            max_step_tokens: 64,
+            ..EngineConfig::default()
+        },
+    );
+    for id in 1..=5 {
+        engine.submit(submit(id, "globex", text_prompt(10), 100));
+    }
+    assert_eq!(engine.step().unwrap().unwrap().tokens, 50);
+    engine.submit(submit(6, "acme", text_prompt(62), 100));
+    let step = engine.step().unwrap().unwrap();
+    assert_eq!(
+        step.tokens,
+        5 + 62,
+        "globex's decodes and acme's whole prompt"
+    );
+    let mut outcomes = HashMap::new();
+    absorb(&mut outcomes, engine.take_outbox());
+    assert_eq!(
+        outcomes[&RequestId(6)].tokens.len(),
+        1,
+        "acme's first token"
+    );
+}
+
+#[test]
+fn prompts_over_the_share_are_capped_only_while_a_quiet_tenant_runs() {
+    // 8 slots; at most 32 prompt tokens a step for tenants over their share.
+    // acme runs one short request (3 tokens); globex sends five long prompts.
+    let mut engine = sim_engine(
+        1_024,
+        EngineConfig {
+            max_slots: 8,
+            over_share_prompt_tokens: 32,
+            ..EngineConfig::default()
+        },
+    );
+    engine.submit(submit(1, "acme", text_prompt(10), 3));
+    for id in 2..=6 {
+        engine.submit(submit(id, "globex", text_prompt(200), 100));
+    }
+    let tokens: Vec<usize> = (0..4)
+        .map(|_| engine.step().unwrap().unwrap().tokens)
+        .collect();
+    assert_eq!(
+        tokens,
+        [
+            10,     // acme's first token first: globex's prompts wait
+            1 + 32, // acme's decode, globex's prompts within the cap
+            1 + 32, // acme's last token
+            256,    // globex alone: the whole step budget
+        ]
     );
 }
 
