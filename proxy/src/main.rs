@@ -6,6 +6,7 @@ use bulkhead::serve::{self, ServeOptions};
 use bulkhead::simulate::{self, SimulateOptions};
 use bulkhead::worker::{self, BackendChoice, WorkerOptions};
 use bulkhead_core::config::Config;
+use bulkhead_kernels::engine::EngineConfig;
 use clap::{Parser, Subcommand};
 use std::fmt::Write as _;
 use std::io::IsTerminal as _;
@@ -155,6 +156,17 @@ struct WorkerArgs {
     /// Batch slots (sequences running at once).
     #[arg(long, default_value_t = 32)]
     slots: usize,
+    /// Most tokens in one step: decodes plus prompt chunks. A request that
+    /// arrives mid-step waits for the step's end, so this bounds time to
+    /// first token; larger steps use the device better.
+    #[arg(long, default_value_t = EngineConfig::default().max_step_tokens)]
+    step_tokens: usize,
+    /// Most prompt tokens per step of the tenants at or over their equal
+    /// share of the slots while a tenant under its share is running: what a
+    /// busy tenant's prompts can add to a quiet tenant's time to first token.
+    /// `--step-tokens` or more for no cap.
+    #[arg(long, default_value_t = EngineConfig::default().over_share_prompt_tokens)]
+    over_share_prompt_tokens: usize,
     /// Seed of the built-in model's weights.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -390,6 +402,9 @@ fn run_worker(args: WorkerArgs) -> anyhow::Result<String> {
     if args.blocks == 0 || args.slots == 0 {
         anyhow::bail!("--blocks and --slots must be at least 1");
     }
+    if args.step_tokens == 0 || args.over_share_prompt_tokens == 0 {
+        anyhow::bail!("--step-tokens and --over-share-prompt-tokens must be at least 1");
+    }
     worker::serve(&WorkerOptions {
         backend: args.backend,
         listen: args.listen,
@@ -397,6 +412,8 @@ fn run_worker(args: WorkerArgs) -> anyhow::Result<String> {
         tenants,
         blocks: args.blocks,
         slots: args.slots,
+        step_tokens: args.step_tokens,
+        over_share_prompt_tokens: args.over_share_prompt_tokens,
         seed: args.seed,
         calibration: args.calibration,
         worker_id: args.worker_id,

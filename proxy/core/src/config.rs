@@ -43,8 +43,8 @@ pub struct Config {
     pub tls: TlsPaths,
     /// The KV block pool shared by all tenants.
     pub kv: KvPool,
-    /// Service weights of the fair scheduler's virtual token counter.
-    pub scheduler: SchedulerWeights,
+    /// The fair scheduler's service weights and the workers' step budgets.
+    pub scheduler: Scheduler,
     /// Kernel (eBPF) enforcement.
     pub ebpf: EbpfSettings,
     /// The audit log.
@@ -95,17 +95,33 @@ pub struct KvPool {
     pub block_tokens: u32,
 }
 
-/// Cost weights of the virtual token counter (`[scheduler]`).
+/// Default `[scheduler] step_tokens`: the worker engine's default
+/// (`bulkhead_kernels::engine::EngineConfig`, which this crate cannot name;
+/// a test in `bulkhead` checks that the two agree).
+pub const DEFAULT_STEP_TOKENS: u32 = 256;
+/// Default `[scheduler] over_share_prompt_tokens`; see [`DEFAULT_STEP_TOKENS`].
+pub const DEFAULT_OVER_SHARE_PROMPT_TOKENS: u32 = 136;
+
+/// `[scheduler]`: the cost weights of the fair queue's virtual token
+/// counter, and how the workers fill each step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SchedulerWeights {
+pub struct Scheduler {
     /// Service charged per prompt token (default 1).
     pub prompt_token_weight: u32,
     /// Service charged per generated token (default 2).
     pub output_token_weight: u32,
+    /// Most tokens in one step of a worker, decodes plus prompt chunks
+    /// (default 256): a request arriving mid-step waits for the step's end.
+    pub step_tokens: u32,
+    /// Most prompt tokens per step of the tenants at or over their equal
+    /// share of a worker's slots while a tenant under its share runs there
+    /// (default 136): what a busy tenant's prompts can add to a quiet
+    /// tenant's time to first token.
+    pub over_share_prompt_tokens: u32,
 }
 
-impl From<SchedulerWeights> for ServiceWeights {
-    fn from(w: SchedulerWeights) -> Self {
+impl From<Scheduler> for ServiceWeights {
+    fn from(w: Scheduler) -> Self {
         Self {
             prompt: u64::from(w.prompt_token_weight),
             output: u64::from(w.output_token_weight),

@@ -62,6 +62,10 @@ pub fn plan_workers(config: &Config, runtime_dir: &Path, gpu_present: bool) -> V
                 blocks.to_string(),
                 "--slots".to_owned(),
                 WORKER_SLOTS.to_string(),
+                "--step-tokens".to_owned(),
+                config.scheduler.step_tokens.to_string(),
+                "--over-share-prompt-tokens".to_owned(),
+                config.scheduler.over_share_prompt_tokens.to_string(),
             ];
             if let Some(t) = tenant {
                 args.push("--tenants".to_owned());
@@ -134,5 +138,37 @@ mod tests {
                 .all(|w| w.spawn_args.as_ref().unwrap().contains(&"4096".to_owned()))
         );
         assert_eq!(plan[1].socket, Path::new("/run/bh/worker-1.sock"));
+    }
+
+    #[test]
+    fn workers_get_the_configs_step_budgets() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/single-host.toml");
+        let mut config = Config::from_path(&path).unwrap();
+        config.scheduler.step_tokens = 384;
+        config.scheduler.over_share_prompt_tokens = 96;
+        for worker in plan_workers(&config, Path::new("/run/bh"), false) {
+            let args = worker.spawn_args.unwrap();
+            let value = |flag: &str| {
+                let at = args
+                    .iter()
+                    .position(|a| a == flag)
+                    .expect("the flag is passed");
+                args[at + 1].clone()
+            };
+            assert_eq!(value("--step-tokens"), "384");
+            assert_eq!(value("--over-share-prompt-tokens"), "96");
+        }
+    }
+
+    #[test]
+    fn the_configs_step_defaults_are_the_engines() {
+        use bulkhead_core::config::{DEFAULT_OVER_SHARE_PROMPT_TOKENS, DEFAULT_STEP_TOKENS};
+        let engine = bulkhead_kernels::engine::EngineConfig::default();
+        assert_eq!(DEFAULT_STEP_TOKENS as usize, engine.max_step_tokens);
+        assert_eq!(
+            DEFAULT_OVER_SHARE_PROMPT_TOKENS as usize,
+            engine.over_share_prompt_tokens
+        );
     }
 }

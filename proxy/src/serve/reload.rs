@@ -187,7 +187,7 @@ pub fn restart_needed(
         out.push("[kv] changed".to_owned());
     }
     if current.scheduler != next.scheduler {
-        out.push("[scheduler] weights changed".to_owned());
+        out.push("[scheduler] changed".to_owned());
     }
     if current.ebpf.mode != next.ebpf.mode {
         out.push("[ebpf] mode changed".to_owned());

@@ -53,6 +53,11 @@ pub struct WorkerOptions {
     pub blocks: usize,
     /// Batch slots.
     pub slots: usize,
+    /// Most tokens in one step ([`EngineConfig::max_step_tokens`]).
+    pub step_tokens: usize,
+    /// Most prompt tokens per step of tenants over their share while one
+    /// under it runs ([`EngineConfig::over_share_prompt_tokens`]).
+    pub over_share_prompt_tokens: usize,
     /// Seed of the built-in model's weights.
     pub seed: u64,
     /// Cost-model calibration (`sim`).
@@ -93,6 +98,8 @@ pub fn build_engine(opts: &WorkerOptions) -> anyhow::Result<Engine<Box<dyn Backe
     };
     let cfg = EngineConfig {
         max_slots: opts.slots,
+        max_step_tokens: opts.step_tokens,
+        over_share_prompt_tokens: opts.over_share_prompt_tokens,
         tenants: opts.tenants.as_ref().map(|t| t.iter().cloned().collect()),
         model_aliases: opts.model_aliases.clone(),
         ..EngineConfig::default()

@@ -92,6 +92,10 @@ pub(super) struct RawScheduler {
     pub prompt_token_weight: i64,
     #[serde(default = "two")]
     pub output_token_weight: i64,
+    #[serde(default = "default_step_tokens")]
+    pub step_tokens: i64,
+    #[serde(default = "default_over_share_prompt_tokens")]
+    pub over_share_prompt_tokens: i64,
 }
 
 impl Default for RawScheduler {
@@ -99,6 +103,8 @@ impl Default for RawScheduler {
         Self {
             prompt_token_weight: one(),
             output_token_weight: two(),
+            step_tokens: default_step_tokens(),
+            over_share_prompt_tokens: default_over_share_prompt_tokens(),
         }
     }
 }
@@ -254,6 +260,12 @@ fn one() -> i64 {
 }
 fn two() -> i64 {
     2
+}
+fn default_step_tokens() -> i64 {
+    i64::from(super::DEFAULT_STEP_TOKENS)
+}
+fn default_over_share_prompt_tokens() -> i64 {
+    i64::from(super::DEFAULT_OVER_SHARE_PROMPT_TOKENS)
 }
 fn default_block_tokens() -> i64 {
     16

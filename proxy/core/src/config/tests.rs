@@ -52,9 +52,11 @@ fn minimal_file_gets_the_documented_defaults() {
     );
     assert_eq!(
         config.scheduler,
-        SchedulerWeights {
+        Scheduler {
             prompt_token_weight: 1,
-            output_token_weight: 2
+            output_token_weight: 2,
+            step_tokens: 256,
+            over_share_prompt_tokens: 136,
         }
     );
     assert_eq!(config.ebpf.mode, EbpfMode::Auto);

@@ -7,7 +7,7 @@ use super::source::SourceMap;
 use super::tenants;
 use super::{
     AdminEndpoint, AuditSettings, Config, ConfigError, ConfigErrors, EbpfSettings, KvPool,
-    Listeners, ModelSpec, SchedulerWeights, TlsPaths,
+    Listeners, ModelSpec, Scheduler, TlsPaths,
 };
 use crate::identity::TrustDomain;
 use std::collections::HashMap;
@@ -286,13 +286,21 @@ fn kv_pool(c: &mut Checker<'_>, raw: &RawKv) -> Option<KvPool> {
     })
 }
 
-fn scheduler(c: &mut Checker<'_>, raw: &RawScheduler) -> Option<SchedulerWeights> {
+fn scheduler(c: &mut Checker<'_>, raw: &RawScheduler) -> Option<Scheduler> {
     let base = "scheduler";
     let prompt = c.positive_u32(base, "prompt_token_weight", raw.prompt_token_weight);
     let output = c.positive_u32(base, "output_token_weight", raw.output_token_weight);
-    Some(SchedulerWeights {
+    let step = c.positive_u32(base, "step_tokens", raw.step_tokens);
+    let over = c.positive_u32(
+        base,
+        "over_share_prompt_tokens",
+        raw.over_share_prompt_tokens,
+    );
+    Some(Scheduler {
         prompt_token_weight: prompt?,
         output_token_weight: output?,
+        step_tokens: step?,
+        over_share_prompt_tokens: over?,
     })
 }
 
