@@ -54,6 +54,42 @@ pub struct Bound {
     pub tcp: SocketAddr,
 }
 
+/// Logs the bound addresses, then prints them on one machine-readable line
+/// for scripts and tests that bind port 0.
+#[expect(
+    clippy::print_stdout,
+    reason = "the bound addresses, for whoever started us"
+)]
+fn announce(bound: &Bound, metrics: Option<SocketAddr>) {
+    tracing::info!(
+        "serving HTTP/3 on udp {} and HTTP/1.1 + h2 on tcp {}",
+        bound.quic,
+        bound.tcp
+    );
+    if let Some(addr) = metrics {
+        tracing::info!("serving /metrics and /healthz on tcp {addr}");
+    }
+    match metrics {
+        Some(m) => println!(
+            "listening quic={} tcp={} metrics={m}",
+            bound.quic, bound.tcp
+        ),
+        None => println!("listening quic={} tcp={}", bound.quic, bound.tcp),
+    }
+}
+
+/// The metrics endpoint, bound, and its address, if the config has one.
+async fn bind_metrics(
+    config: &Config,
+) -> anyhow::Result<Option<(admin::MetricsListener, SocketAddr)>> {
+    let Some(addr) = config.listeners.metrics else {
+        return Ok(None);
+    };
+    let listener = admin::MetricsListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    Ok(Some((listener, bound)))
+}
+
 /// Serves until SIGTERM or SIGINT.
 pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let config = Config::from_path(&opts.config)
@@ -122,26 +158,18 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
         Some(endpoint) => Some(admin::AdminListener::bind(endpoint).await?),
         None => None,
     };
+    let metrics = bind_metrics(&config).await?;
     let bound = Bound {
         quic: quic.local_addr()?,
         tcp: tcp.local_addr()?,
     };
-    tracing::info!(
-        "serving HTTP/3 on udp {} and HTTP/1.1 + h2 on tcp {}",
-        bound.quic,
-        bound.tcp
-    );
-    // A machine-readable line for scripts and tests that bind port 0.
-    #[expect(
-        clippy::print_stdout,
-        reason = "the bound addresses, for whoever started us"
-    )]
-    {
-        println!("listening quic={} tcp={}", bound.quic, bound.tcp);
-    }
+    announce(&bound, metrics.as_ref().map(|m| m.1));
     let shutdown = Shutdown::new();
     let quic_task = tokio::spawn(quic.serve(app.clone(), shutdown.signal()));
     let tcp_task = tokio::spawn(tcp.serve(app.clone(), shutdown.signal()));
+    if let Some((metrics, _)) = metrics {
+        tokio::spawn(metrics.serve(app.clone(), shutdown.signal()));
+    }
     if let Some(admin) = admin {
         tokio::spawn(admin.serve(app, reloader.clone(), shutdown.signal()));
     }

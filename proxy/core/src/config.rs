@@ -64,6 +64,9 @@ pub struct Listeners {
     pub tcp: SocketAddr,
     /// Admin endpoint (metrics, tenant listing, reload); none by default.
     pub admin: Option<AdminEndpoint>,
+    /// Read-only metrics endpoint (`GET /metrics`, `GET /healthz`) on any
+    /// address, for a Prometheus that scrapes over the network; none by default.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Where the admin endpoint listens.

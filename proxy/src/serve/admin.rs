@@ -13,6 +13,14 @@
 //! It has no authentication of its own: whoever can reach it is the
 //! operator. So it listens only where only the operator can: a unix socket
 //! in a directory of theirs, or loopback.
+//!
+//! The metrics endpoint (`[listeners] metrics`, [`MetricsListener`]) is the
+//! read-only part of it, `GET /metrics` and `GET /healthz`, on any TCP
+//! address: for a Prometheus that scrapes over the network and for a
+//! kubelet's HTTP probes. It changes nothing and shows no tenant's settings,
+//! only the series the admin endpoint's `/metrics` shows (tenant ids among
+//! them): keep it to the monitoring network (`bulkhead deploy netpol`
+//! writes the policy).
 
 use super::reload::Reloader;
 use crate::{api::App, front::ResponseBody, transport::ShutdownSignal};
@@ -24,7 +32,7 @@ use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use std::{convert::Infallible, path::Path, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, path::Path, sync::Arc};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, UnixListener},
@@ -97,6 +105,96 @@ impl AdminListener {
     }
 }
 
+/// A bound metrics endpoint (`[listeners] metrics`).
+#[derive(Debug)]
+pub struct MetricsListener(TcpListener);
+
+impl MetricsListener {
+    /// Binds `addr` (any address: see the module docs).
+    pub async fn bind(addr: SocketAddr) -> anyhow::Result<Self> {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+        Ok(Self(l))
+    }
+
+    /// The address bound (the port chosen, for port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
+    /// Serves requests until `shutdown`.
+    pub async fn serve(self, app: Arc<App>, mut shutdown: ShutdownSignal) {
+        loop {
+            let conn = tokio::select! {
+                () = shutdown.triggered() => return,
+                c = self.0.accept() => c,
+            };
+            match conn {
+                Ok((stream, _)) => {
+                    let app = app.clone();
+                    tokio::spawn(async move {
+                        let service = service_fn(move |req: Request<Incoming>| {
+                            let app = app.clone();
+                            async move { Ok::<_, Infallible>(answer_read_only(&app, &req)) }
+                        });
+                        if let Err(err) = http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await
+                        {
+                            tracing::debug!("metrics connection: {err}");
+                        }
+                    });
+                }
+                Err(err) => {
+                    tracing::warn!("metrics accept failed: {err}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The metrics endpoint's answers: `/metrics` and `/healthz`, nothing else.
+fn answer_read_only(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => health(app),
+        (&Method::GET, "/metrics") => metrics(app),
+        (_, "/healthz" | "/metrics") => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "application/json",
+            json!({"error": format!("{} is not allowed on {}", req.method(), req.uri().path())})
+                .to_string(),
+        ),
+        (_, path) => reply(
+            StatusCode::NOT_FOUND,
+            "application/json",
+            json!({"error": format!(
+                "the metrics endpoint serves /metrics and /healthz only, not {path}; \
+                 the rest is on the admin endpoint"
+            )})
+            .to_string(),
+        ),
+    }
+}
+
+fn health(app: &App) -> Response<Full<Bytes>> {
+    let r = app.health();
+    let body = match r.body {
+        ResponseBody::Full(b) => b,
+        ResponseBody::Stream(_) => Bytes::new(),
+    };
+    reply(r.status, "application/json", body)
+}
+
+fn metrics(app: &App) -> Response<Full<Bytes>> {
+    reply(
+        StatusCode::OK,
+        "text/plain; version=0.0.4",
+        app.host_metrics(),
+    )
+}
+
 /// A stream of either listener.
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
@@ -130,19 +228,8 @@ async fn answer(
     let json =
         |status: StatusCode, v: serde_json::Value| reply(status, "application/json", v.to_string());
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => {
-            let r = app.health();
-            let body = match r.body {
-                ResponseBody::Full(b) => b,
-                ResponseBody::Stream(_) => Bytes::new(),
-            };
-            reply(r.status, "application/json", body)
-        }
-        (&Method::GET, "/metrics") => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            app.host_metrics(),
-        ),
+        (&Method::GET, "/healthz") => health(app),
+        (&Method::GET, "/metrics") => metrics(app),
         (&Method::GET, "/tenants") => {
             let config = app.config();
             let tenants: Vec<_> = config

@@ -26,6 +26,8 @@ pub struct Host {
     pub dir: PathBuf,
     pub serve: Child,
     pub tcp: String,
+    /// The metrics endpoint's address (`[listeners] metrics`).
+    pub metrics: String,
 }
 
 impl Drop for Host {
@@ -45,6 +47,7 @@ trust_domain = "bulkhead.test"
 quic = "127.0.0.1:0"
 tcp = "127.0.0.1:0"
 admin = "{admin}"
+metrics = "127.0.0.1:0"
 [tls]
 cert = "{pki}/server.pem"
 key = "{pki}/server.key"
@@ -111,13 +114,19 @@ pub fn start_backend(name: &str, tenants: &str, backend: &str) -> Host {
     BufReader::new(serve.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let tcp = line
-        .trim()
-        .split_once(" tcp=")
-        .unwrap_or_else(|| panic!("unexpected first line from serve: {line:?}"))
-        .1
-        .to_owned();
-    Host { dir, serve, tcp }
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in the first line from serve: {line:?}"))
+            .to_owned()
+    };
+    let (tcp, metrics) = (field("tcp="), field("metrics="));
+    Host {
+        dir,
+        serve,
+        tcp,
+        metrics,
+    }
 }
 
 /// An h2 connection with `tenant`'s client certificate.

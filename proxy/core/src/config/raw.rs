@@ -54,6 +54,8 @@ pub(super) struct RawListeners {
     pub tcp: String,
     #[serde(default)]
     pub admin: Option<String>,
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 impl Default for RawListeners {
@@ -62,6 +64,7 @@ impl Default for RawListeners {
             quic: default_listen(),
             tcp: default_listen(),
             admin: None,
+            metrics: None,
         }
     }
 }

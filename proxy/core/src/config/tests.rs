@@ -108,6 +108,30 @@ fn admin_endpoint_is_a_socket_address_or_an_absolute_path() {
 }
 
 #[test]
+fn metrics_endpoint_is_a_socket_address_of_its_own() {
+    let with = |listeners: &str| {
+        let src = format!("{MINIMAL}\n[listeners]\n{listeners}\n");
+        Config::from_toml_str(&src).map(|c| c.listeners.metrics)
+    };
+    assert_eq!(with("").unwrap(), None);
+    assert_eq!(
+        with("metrics = \"0.0.0.0:9464\"").unwrap(),
+        Some("0.0.0.0:9464".parse().unwrap())
+    );
+    let named = |listeners: &str| with(listeners).unwrap_err().to_string();
+    assert!(named("metrics = \"/run/m.sock\"").contains("listeners.metrics"));
+    assert!(named("metrics = \"127.0.0.1:8443\"").contains("the tcp listener"));
+    assert!(
+        with("tcp = \"127.0.0.1:0\"\nmetrics = \"127.0.0.1:0\"").is_ok(),
+        "port 0 is a free port for each"
+    );
+    assert!(
+        named("admin = \"127.0.0.1:9090\"\nmetrics = \"127.0.0.1:9090\"")
+            .contains("the admin endpoint")
+    );
+}
+
+#[test]
 fn api_key_digests_are_decoded_in_either_case() {
     let src = MINIMAL.replace(
         "kv_block_quota = 512",

@@ -221,7 +221,7 @@ fn listeners(c: &mut Checker<'_>, raw: RawListeners) -> Option<Listeners> {
         None => Some(None),
         Some(admin) => {
             if let Ok(addr) = admin.parse::<SocketAddr>() {
-                if tcp == Some(addr) {
+                if tcp == Some(addr) && addr.port() != 0 {
                     c.report(
                         "listeners.admin".to_owned(),
                         format!("admin must not use the address of the tcp listener, {addr}"),
@@ -244,10 +244,36 @@ fn listeners(c: &mut Checker<'_>, raw: RawListeners) -> Option<Listeners> {
             }
         }
     };
+    let metrics = match raw.metrics {
+        None => Some(None),
+        Some(metrics) => socket_addr(c, "metrics", &metrics).and_then(|addr| {
+            // Port 0 picks a free port for each, so those cannot clash.
+            let clash = if addr.port() == 0 {
+                None
+            } else if tcp == Some(addr) {
+                Some("the tcp listener")
+            } else if admin == Some(Some(AdminEndpoint::Tcp(addr))) {
+                Some("the admin endpoint")
+            } else {
+                None
+            };
+            match clash {
+                Some(other) => {
+                    c.report(
+                        "listeners.metrics".to_owned(),
+                        format!("metrics must not use the address of {other}, {addr}"),
+                    );
+                    None
+                }
+                None => Some(Some(addr)),
+            }
+        }),
+    };
     Some(Listeners {
         quic: quic?,
         tcp: tcp?,
         admin: admin?,
+        metrics: metrics?,
     })
 }
 
