@@ -742,18 +742,33 @@ fn the_manifests_agree_with_each_other_and_with_host_toml() {
     let service = &yaml_docs(&deploy_path("k8s/service.yaml"))[0];
     assert_eq!(at(service, "spec.selector")[APP_LABEL], APP_NAME);
 
-    // Ports: the config's listeners, UDP and TCP, published on the host.
+    // Ports: the config's listeners, UDP and TCP, published on the host;
+    // the metrics endpoint on the pod network only.
     let ports = container["ports"].as_array().unwrap();
-    let port = |proto: &str| {
+    let port = |name: &str| {
         ports
             .iter()
-            .find(|p| p["protocol"] == proto)
-            .unwrap_or_else(|| panic!("no {proto} port"))
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no port named {name}"))
     };
-    assert_eq!(port("UDP")["containerPort"], config.listeners.quic.port());
-    assert_eq!(port("TCP")["containerPort"], config.listeners.tcp.port());
-    assert_eq!(port("UDP")["hostPort"], config.listeners.quic.port());
-    assert_eq!(port("TCP")["hostPort"], config.listeners.tcp.port());
+    assert_eq!(port("quic")["protocol"], "UDP");
+    assert_eq!(port("tls")["protocol"], "TCP");
+    assert_eq!(port("metrics")["protocol"], "TCP");
+    assert_eq!(port("quic")["containerPort"], config.listeners.quic.port());
+    assert_eq!(port("tls")["containerPort"], config.listeners.tcp.port());
+    assert_eq!(port("quic")["hostPort"], config.listeners.quic.port());
+    assert_eq!(port("tls")["hostPort"], config.listeners.tcp.port());
+    let metrics = config
+        .listeners
+        .metrics
+        .expect("host.toml has a metrics endpoint");
+    assert_eq!(port("metrics")["containerPort"], metrics.port());
+    assert!(port("metrics").get("hostPort").is_none(), "not on the host");
+    let annotations = at(ds, "spec.template.metadata.annotations");
+    assert_eq!(
+        annotations["prometheus.io/port"],
+        metrics.port().to_string()
+    );
     assert_eq!(
         pod["hostNetwork"], false,
         "NetworkPolicies skip hostNetwork pods"
@@ -805,20 +820,16 @@ fn the_manifests_agree_with_each_other_and_with_host_toml() {
     .into();
     wanted.extend(config.tls.client_ca.iter().cloned());
     assert_eq!(projected, wanted);
-    // The runtime dir holds the admin socket the probes ask.
+    // The admin endpoint stays inside the pod, in the runtime dir.
     let runtime = arg_after("--runtime-dir");
     let Some(bulkhead_core::config::AdminEndpoint::Unix(admin)) = &config.listeners.admin else {
         panic!("host.toml's admin endpoint should be a unix socket");
     };
     assert!(admin.starts_with(runtime));
-    let probe: Vec<&str> = at(container, "readinessProbe.exec.command")
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    assert!(probe.contains(&admin.to_str().unwrap()), "{probe:?}");
-    assert!(probe.contains(&"http://localhost/healthz"));
+    // The probes ask the metrics endpoint over HTTP: no tool in the image.
+    assert_eq!(at(container, "readinessProbe.httpGet.path"), "/healthz");
+    assert_eq!(at(container, "readinessProbe.httpGet.port"), "metrics");
+    assert_eq!(at(container, "livenessProbe.tcpSocket.port"), "metrics");
 }
 
 fn daemonset_pod() -> Value {

@@ -9,6 +9,11 @@
 //! the network layer agrees with the certificate, the eBPF maps and the
 //! scheduler on who a client is.
 //!
+//! With a metrics endpoint in the config (`[listeners] metrics`), one more
+//! policy admits pods labelled `bulkhead.io/metrics-scraper: "true"`, in
+//! namespaces labelled the same (where Prometheus runs), to that TCP port
+//! only.
+//!
 //! Policies are additive in Kubernetes, so a pod admitted by one tenant's
 //! policy is admitted: label client namespaces and pods with exactly one
 //! tenant. Policies apply to pod networking only: the `DaemonSet` uses
@@ -26,6 +31,10 @@ pub const APP_NAME: &str = "bulkhead";
 pub const TENANT_LABEL: &str = "bulkhead.io/tenant";
 /// Name of the default-deny policy.
 pub const DEFAULT_DENY_NAME: &str = "bulkhead-default-deny";
+/// Label of the pods (and their namespace) that may scrape `/metrics`.
+pub const SCRAPER_LABEL: &str = "bulkhead.io/metrics-scraper";
+/// Name of the policy admitting the scrapers.
+pub const METRICS_POLICY_NAME: &str = "bulkhead-metrics";
 /// Prefix of each tenant's policy name (`bulkhead-tenant-<id>`).
 pub const TENANT_POLICY_PREFIX: &str = "bulkhead-tenant-";
 
@@ -59,7 +68,8 @@ pub fn validate_namespace(namespace: &str) -> Result<(), String> {
 }
 
 /// The policies for the bulkhead pods in `namespace`, as one YAML stream:
-/// the default deny, then one document per tenant in config order.
+/// the default deny, then one document per tenant in config order, then
+/// the scrapers' policy if the config has a metrics endpoint.
 ///
 /// Every string is double-quoted, so a tenant id such as `no` or `1e3`
 /// stays a string under any YAML reader. `namespace` must pass
@@ -133,7 +143,47 @@ spec:
             isolation = isolation_name(tenant.isolation),
         );
     }
+    if let Some(metrics) = config.listeners.metrics {
+        scrapers_policy(&mut out, namespace, metrics.port());
+    }
     out
+}
+
+/// The policy admitting the scrapers to the metrics endpoint's `port`.
+fn scrapers_policy(out: &mut String, namespace: &str, port: u16) {
+    let _ = write!(
+        out,
+        "\
+---
+# Prometheus: pods labelled {SCRAPER_LABEL}=true, in a namespace labelled
+# the same, to the metrics endpoint (TCP {port}: GET /metrics and /healthz).
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: \"{METRICS_POLICY_NAME}\"
+  namespace: \"{namespace}\"
+  labels:
+    \"{APP_LABEL}\": \"{APP_NAME}\"
+    \"app.kubernetes.io/managed-by\": \"bulkhead-deploy-netpol\"
+spec:
+  podSelector:
+    matchLabels:
+      \"{APP_LABEL}\": \"{APP_NAME}\"
+  policyTypes:
+    - Ingress
+  ingress:
+    - from:
+        - namespaceSelector:
+            matchLabels:
+              \"{SCRAPER_LABEL}\": \"true\"
+          podSelector:
+            matchLabels:
+              \"{SCRAPER_LABEL}\": \"true\"
+      ports:
+        - protocol: TCP
+          port: {port}
+"
+    );
 }
 
 #[cfg(test)]
@@ -192,6 +242,42 @@ isolation = "mig"
             );
             assert!(doc.contains("namespace: \"serving\""));
         }
+    }
+
+    #[test]
+    fn a_metrics_endpoint_gets_one_policy_for_the_scrapers_and_its_port_only() {
+        let with_metrics = CONFIG.replace(
+            "tcp = \"0.0.0.0:8443\"\n",
+            "tcp = \"0.0.0.0:8443\"\nmetrics = \"0.0.0.0:9464\"\n",
+        );
+        let config = Config::from_toml_str(&with_metrics).unwrap();
+        let yaml = netpol(&config, "serving");
+        let docs: Vec<&str> = yaml.split("\n---\n").skip(1).collect();
+        assert_eq!(docs.len(), 4, "{yaml}");
+        let scrapers = docs[3];
+        assert!(
+            scrapers.contains("name: \"bulkhead-metrics\""),
+            "{scrapers}"
+        );
+        assert_eq!(
+            scrapers
+                .matches("\"bulkhead.io/metrics-scraper\": \"true\"")
+                .count(),
+            2,
+            "the namespace and the pod selector:\n{scrapers}"
+        );
+        assert!(
+            scrapers
+                .trim_end()
+                .ends_with("ports:\n        - protocol: TCP\n          port: 9464"),
+            "{scrapers}"
+        );
+        assert!(
+            !docs[1..3].iter().any(|d| d.contains("9464")),
+            "tenants do not reach the metrics port"
+        );
+        let without = netpol(&Config::from_toml_str(CONFIG).unwrap(), "serving");
+        assert!(!without.contains("bulkhead-metrics"));
     }
 
     #[test]
