@@ -18,6 +18,7 @@ use std::{
 /// `method path` on the metrics endpoint: the status and the body.
 fn metrics_call(host: &Host, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(&host.metrics).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: metrics\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -103,4 +104,20 @@ async fn the_metrics_endpoint_serves_metrics_and_health_and_nothing_else() {
     assert_eq!(metrics_call(&host, "POST", "/metrics").0, 405);
     // The admin endpoint still has them.
     assert!(admin_get(&host, "/tenants")["tenants"].is_array());
+
+    // Clients that connect and send nothing cannot hold the endpoint: each
+    // is dropped 5 s after connecting, and a scraper behind 20 of them (the
+    // endpoint serves 16 at a time) is answered once the first 16 are gone.
+    let silent: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(&host.metrics).unwrap())
+        .collect();
+    let started = Instant::now();
+    let (status, _) = metrics_call(&host, "GET", "/healthz");
+    assert_eq!(status, 200);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(20),
+        "answered after {waited:?}: the silent connections held it until their timeout"
+    );
+    drop(silent);
 }

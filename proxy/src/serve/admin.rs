@@ -109,6 +109,13 @@ impl AdminListener {
 #[derive(Debug)]
 pub struct MetricsListener(TcpListener);
 
+/// Connections the metrics endpoint serves at once; more wait in the
+/// kernel's backlog. A scraper and two probes need three.
+const METRICS_CONNECTIONS: usize = 16;
+/// How long a metrics client has to send its request's headers: a
+/// connection that sends nothing does not hold its place.
+const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl MetricsListener {
     /// Binds `addr` (any address: see the module docs).
     pub async fn bind(addr: SocketAddr) -> anyhow::Result<Self> {
@@ -123,15 +130,20 @@ impl MetricsListener {
         self.0.local_addr()
     }
 
-    /// Serves requests until `shutdown`.
+    /// Serves requests until `shutdown`, [`METRICS_CONNECTIONS`] connections
+    /// at a time, each given [`METRICS_HEADER_TIMEOUT`] to send its headers.
     pub async fn serve(self, app: Arc<App>, mut shutdown: ShutdownSignal) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
         loop {
             let conn = tokio::select! {
                 () = shutdown.triggered() => return,
-                c = self.0.accept() => c,
+                c = async {
+                    let slot = slots.clone().acquire_owned().await.expect("never closed");
+                    self.0.accept().await.map(|(stream, _)| (stream, slot))
+                } => c,
             };
             match conn {
-                Ok((stream, _)) => {
+                Ok((stream, slot)) => {
                     let app = app.clone();
                     tokio::spawn(async move {
                         let service = service_fn(move |req: Request<Incoming>| {
@@ -139,11 +151,14 @@ impl MetricsListener {
                             async move { Ok::<_, Infallible>(answer_read_only(&app, &req)) }
                         });
                         if let Err(err) = http1::Builder::new()
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(METRICS_HEADER_TIMEOUT)
                             .serve_connection(TokioIo::new(stream), service)
                             .await
                         {
                             tracing::debug!("metrics connection: {err}");
                         }
+                        drop(slot);
                     });
                 }
                 Err(err) => {
