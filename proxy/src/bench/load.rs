@@ -298,6 +298,11 @@ pub struct Scenario {
     /// (default: the built-in H100 + Llama-3-8B cost model).
     #[serde(default)]
     pub calibration: Option<PathBuf>,
+    /// In-process front door: the workers' cap on the prompt tokens per
+    /// step of tenants over their share while one under it runs (`bulkhead
+    /// worker --over-share-prompt-tokens`; default: the engine's).
+    #[serde(default)]
+    pub over_share_prompt_tokens: Option<u32>,
 }
 
 const fn default_seconds() -> f64 {
@@ -335,6 +340,7 @@ impl Scenario {
             blocks: default_blocks(),
             max_queued: default_queued(),
             calibration: None,
+            over_share_prompt_tokens: None,
         }
     }
 
@@ -370,6 +376,10 @@ impl Scenario {
             matches!(self.policy.as_str(), "fair" | "fifo"),
             "policy must be `fair` or `fifo`, not `{}`",
             self.policy
+        );
+        anyhow::ensure!(
+            self.over_share_prompt_tokens != Some(0),
+            "over_share_prompt_tokens must be at least 1"
         );
         Ok(())
     }
@@ -1084,6 +1094,10 @@ pub struct LoadArgs {
     /// In-process: the `sim` workers' calibration file.
     #[arg(long)]
     pub calibration: Option<PathBuf>,
+    /// In-process: the workers' cap on prompt tokens per step of tenants
+    /// over their share while one under it runs (default: the engine's).
+    #[arg(long)]
+    pub over_share_prompt_tokens: Option<u32>,
     /// Write the report and every request's sample as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -1125,6 +1139,9 @@ impl LoadArgs {
         }
         if let Some(v) = &self.calibration {
             s.calibration = Some(v.clone());
+        }
+        if let Some(v) = self.over_share_prompt_tokens {
+            s.over_share_prompt_tokens = Some(v);
         }
         s.validate()?;
         anyhow::ensure!(
@@ -1210,6 +1227,9 @@ pub(crate) fn front_setup(
         let c = std::fs::canonicalize(c).with_context(|| format!("calibration {}", c.display()))?;
         bulkhead_kernels::sim::CostModel::from_file(&c)?;
         args.extend(["--calibration".to_owned(), c.display().to_string()]);
+    }
+    if let Some(n) = scenario.over_share_prompt_tokens {
+        args.extend(["--over-share-prompt-tokens".to_owned(), n.to_string()]);
     }
     let mut workers: Vec<WorkerSetup> = dedicated
         .iter()
@@ -1325,4 +1345,34 @@ pub fn chart(report: &Report, path: &Path, latency: bool) -> anyhow::Result<()> 
 
 fn plot_error(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("drawing the chart: {e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_on_over_share_prompts_reaches_every_worker() {
+        let mut scenario = Scenario::new(vec![
+            "name=alpha,rate=10".parse().unwrap(),
+            "name=bravo,rate=10,dedicated=true".parse().unwrap(),
+        ]);
+        let passes = |s: &Scenario| -> Vec<bool> {
+            front_setup(s, None)
+                .unwrap()
+                .workers
+                .iter()
+                .map(|w| {
+                    w.args
+                        .windows(2)
+                        .any(|a| a == ["--over-share-prompt-tokens", "96"])
+                })
+                .collect()
+        };
+        assert_eq!(passes(&scenario), [false, false], "the engine's default");
+        scenario.over_share_prompt_tokens = Some(96);
+        assert_eq!(passes(&scenario), [true, true]);
+        scenario.over_share_prompt_tokens = Some(0);
+        assert!(scenario.validate().is_err());
+    }
 }
