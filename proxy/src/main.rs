@@ -70,6 +70,19 @@ enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
+    /// The tenants a running `serve` serves now, from its admin endpoint:
+    /// weights, isolation, limits, models and the KV blocks each holds.
+    Tenants {
+        /// The running host's config: its `[listeners] admin` is asked.
+        #[arg(long, required_unless_present = "admin")]
+        config: Option<PathBuf>,
+        /// The admin endpoint instead: a unix socket path or a loopback address.
+        #[arg(long)]
+        admin: Option<String>,
+        /// Print the admin endpoint's JSON (`/tenants` and `/workers`) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a worker: the engine (KV pool, batching, kernels) behind a unix socket.
     Worker(WorkerArgs),
     /// Write a development PKI: server and tenant CAs, a server certificate
@@ -250,6 +263,11 @@ fn main() -> ExitCode {
             ebpf_instance,
         }),
         Command::Reload { config, admin } => run_reload(config.as_deref(), admin.as_deref()),
+        Command::Tenants {
+            config,
+            admin,
+            json,
+        } => run_tenants(config.as_deref(), admin.as_deref(), json),
         Command::Worker(args) => run_worker(args),
         Command::Certs(args) => run_certs(&args),
         Command::Bench(command) => run_bench(&command),
@@ -333,8 +351,33 @@ fn run_serve(opts: ServeOptions) -> anyhow::Result<String> {
 
 /// Asks a running `serve` to reload; returns its report.
 fn run_reload(config: Option<&Path>, admin: Option<&str>) -> anyhow::Result<String> {
+    let endpoint = admin_endpoint(config, admin, "send the process SIGHUP instead")?;
+    let body = current_thread()?.block_on(serve::admin::request_reload(&endpoint))?;
+    Ok(format!("{body}\n"))
+}
+
+/// Asks a running `serve` which tenants it serves.
+fn run_tenants(config: Option<&Path>, admin: Option<&str>, json: bool) -> anyhow::Result<String> {
+    let endpoint = admin_endpoint(config, admin, "add one to ask a running serve")?;
+    current_thread()?.block_on(serve::admin::tenants_report(&endpoint, json))
+}
+
+fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// The admin endpoint `--admin` names, else the one `--config` has (`hint`
+/// says what to do when it has none).
+fn admin_endpoint(
+    config: Option<&Path>,
+    admin: Option<&str>,
+    hint: &str,
+) -> anyhow::Result<bulkhead_core::config::AdminEndpoint> {
     use bulkhead_core::config::AdminEndpoint;
-    let endpoint = match (admin, config) {
+    Ok(match (admin, config) {
         (Some(a), _) => match a.parse() {
             Ok(addr) => AdminEndpoint::Tcp(addr),
             Err(_) if a.starts_with('/') => AdminEndpoint::Unix(a.into()),
@@ -348,18 +391,12 @@ fn run_reload(config: Option<&Path>, admin: Option<&str>) -> anyhow::Result<Stri
             .admin
             .with_context(|| {
                 format!(
-                    "{} has no [listeners] admin endpoint; send the process SIGHUP instead",
+                    "{} has no [listeners] admin endpoint; {hint}",
                     path.display()
                 )
             })?,
         (None, None) => anyhow::bail!("give --config or --admin"),
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let body = runtime.block_on(serve::admin::request_reload(&endpoint))?;
-    Ok(format!("{body}\n"))
+    })
 }
 
 /// Runs a bench and returns its table.

@@ -333,25 +333,31 @@ fn reply(
     r
 }
 
-/// `bulkhead reload`: asks the admin endpoint of a running `serve` to
-/// reload, and returns its answer (the JSON body) or why it refused.
-pub async fn request_reload(endpoint: &AdminEndpoint) -> anyhow::Result<String> {
+/// `method path` on the admin endpoint of a running `serve`: the status
+/// and the body.
+pub async fn admin_request(
+    endpoint: &AdminEndpoint,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let request = b"POST /reload HTTP/1.1\r\nHost: bulkhead-admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: bulkhead-admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     let mut raw = Vec::new();
     match endpoint {
         AdminEndpoint::Unix(path) => {
             let mut s = tokio::net::UnixStream::connect(path)
                 .await
                 .with_context(|| format!("connecting to the admin socket {}", path.display()))?;
-            s.write_all(request).await?;
+            s.write_all(request.as_bytes()).await?;
             s.read_to_end(&mut raw).await?;
         }
         AdminEndpoint::Tcp(addr) => {
             let mut s = tokio::net::TcpStream::connect(addr)
                 .await
                 .with_context(|| format!("connecting to the admin endpoint {addr}"))?;
-            s.write_all(request).await?;
+            s.write_all(request.as_bytes()).await?;
             s.read_to_end(&mut raw).await?;
         }
     }
@@ -362,15 +368,88 @@ pub async fn request_reload(endpoint: &AdminEndpoint) -> anyhow::Result<String> 
     let status = head
         .split_whitespace()
         .nth(1)
+        .and_then(|s| s.parse().ok())
         .context("the admin endpoint's answer has no status")?;
-    let body = body.trim().to_owned();
-    if status == "200" {
+    Ok((status, body.trim().to_owned()))
+}
+
+/// The `error` of a JSON answer, else the whole body.
+fn error_of(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| body.to_owned())
+}
+
+/// `bulkhead reload`: asks the admin endpoint of a running `serve` to
+/// reload, and returns its answer (the JSON body) or why it refused.
+pub async fn request_reload(endpoint: &AdminEndpoint) -> anyhow::Result<String> {
+    let (status, body) = admin_request(endpoint, "POST", "/reload").await?;
+    if status == 200 {
         Ok(body)
     } else {
-        let why = serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_owned))
-            .unwrap_or(body);
-        anyhow::bail!("reload refused ({status}): {why}")
+        anyhow::bail!("reload refused ({status}): {}", error_of(&body))
     }
+}
+
+/// `bulkhead tenants`: the tenants a running `serve` serves now, with their
+/// limits and the KV blocks each holds across the workers, as a table (or
+/// the admin endpoint's JSON with `json`).
+pub async fn tenants_report(endpoint: &AdminEndpoint, json: bool) -> anyhow::Result<String> {
+    let get = |path: &'static str| async move {
+        let (status, body) = admin_request(endpoint, "GET", path).await?;
+        anyhow::ensure!(status == 200, "GET {path}: {status}: {}", error_of(&body));
+        serde_json::from_str::<serde_json::Value>(&body)
+            .with_context(|| format!("GET {path}: the answer is not JSON"))
+    };
+    let tenants = get("/tenants").await?;
+    let workers = get("/workers").await?;
+    if json {
+        return Ok(format!(
+            "{}\n",
+            json!({"tenants": tenants["tenants"], "workers": workers["workers"]})
+        ));
+    }
+    Ok(render_tenants(&tenants, &workers))
+}
+
+/// The table of [`tenants_report`].
+fn render_tenants(tenants: &serde_json::Value, workers: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let empty = Vec::new();
+    let workers = workers["workers"].as_array().unwrap_or(&empty);
+    let mut out = format!(
+        "{:<20} {:>6} {:<10} {:>8} {:>12} {:>10} {:>16}  models\n",
+        "tenant", "weight", "isolation", "req/s", "tokens/min", "concurrent", "KV blocks used"
+    );
+    let limit = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_owned(),
+        v => v.to_string(),
+    };
+    for t in tenants["tenants"].as_array().unwrap_or(&empty) {
+        let id = t["id"].as_str().unwrap_or("?");
+        let used: u64 = workers
+            .iter()
+            .filter_map(|w| w["capacity"]["tenants"][id]["used_blocks"].as_u64())
+            .sum();
+        let models: Vec<&str> = t["allowed_models"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .filter_map(|m| m.as_str())
+            .collect();
+        let _ = writeln!(
+            out,
+            "{id:<20} {:>6} {:<10} {:>8} {:>12} {:>10} {used:>16}  {}",
+            limit(&t["weight"]),
+            t["isolation"].as_str().unwrap_or("?"),
+            limit(&t["requests_per_second"]),
+            limit(&t["tokens_per_minute"]),
+            limit(&t["max_concurrent_requests"]),
+            models.join(","),
+        );
+    }
+    let alive = workers.iter().filter(|w| w["alive"] == true).count();
+    let _ = writeln!(out, "workers: {} ({alive} alive)", workers.len());
+    out
 }

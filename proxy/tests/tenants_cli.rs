@@ -1,0 +1,74 @@
+//! `bulkhead tenants`: a running `serve`'s tenants, asked through its admin
+//! endpoint (real processes).
+
+mod common;
+
+use common::{BIN, Host, start, tenant};
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+fn tenants(host: &Host, extra: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(["tenants", "--admin"])
+        .arg(host.dir.join("admin.sock"))
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn tenants_lists_what_the_running_serve_serves() {
+    let host = start(
+        "tenants-cli",
+        &(tenant("acme", "sk-acme", 5.0) + &tenant("globex", "sk-globex", 20.0)),
+    );
+    // The table once the worker is up.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let table = loop {
+        let (ok, out, err) = tenants(&host, &[]);
+        if ok && out.contains("(1 alive)") {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "no live worker: {out}{err}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("tenant"), "{table}");
+    let row = |id: &str| -> Vec<&str> {
+        lines
+            .iter()
+            .find(|l| l.starts_with(&format!("{id} ")))
+            .unwrap_or_else(|| panic!("no row for {id}:\n{table}"))
+            .split_whitespace()
+            .collect()
+    };
+    // tenant, weight, isolation, req/s, tokens/min, concurrent, KV blocks, models
+    assert_eq!(row("acme")[..4], ["acme", "1", "shared", "5.0"], "{table}");
+    assert_eq!(row("globex")[3], "20.0", "{table}");
+    assert_eq!(row("acme")[7], "tiny", "{table}");
+    assert_eq!(lines.last().copied(), Some("workers: 1 (1 alive)"));
+
+    let (ok, json, err) = tenants(&host, &["--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["tenants"].as_array().unwrap().len(), 2);
+    assert_eq!(v["workers"][0]["alive"], true);
+
+    // A wrong endpoint is named, and nothing is printed.
+    let out = Command::new(BIN)
+        .args(["tenants", "--admin"])
+        .arg(host.dir.join("nowhere.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("nowhere.sock"), "{err}");
+}
