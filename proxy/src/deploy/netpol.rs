@@ -77,9 +77,7 @@ pub fn validate_namespace(namespace: &str) -> Result<(), String> {
 pub fn netpol(config: &Config, namespace: &str) -> String {
     let quic = config.listeners.quic.port();
     let tcp = config.listeners.tcp.port();
-    let mut out = String::new();
-    let _ = write!(
-        out,
+    let mut out = format!(
         "\
 # NetworkPolicies of the bulkhead pods in namespace \"{namespace}\", written by
 # `bulkhead deploy netpol` from the host config. The first denies all ingress
@@ -87,103 +85,96 @@ pub fn netpol(config: &Config, namespace: &str) -> String {
 # pods (label {TENANT_LABEL}=<id>, in a namespace labelled the same) to
 # the QUIC port (UDP {quic}) and the TLS port (TCP {tcp}). Regenerate and apply
 # after adding or removing a tenant.
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: \"{DEFAULT_DENY_NAME}\"
-  namespace: \"{namespace}\"
-  labels:
-    \"{APP_LABEL}\": \"{APP_NAME}\"
-    \"app.kubernetes.io/managed-by\": \"bulkhead-deploy-netpol\"
-spec:
-  podSelector:
-    matchLabels:
-      \"{APP_LABEL}\": \"{APP_NAME}\"
-  policyTypes:
-    - Ingress
 "
     );
+    policy(&mut out, "", DEFAULT_DENY_NAME, namespace, None, "");
     for tenant in &config.tenants {
         let id = tenant.id.as_str();
-        let _ = write!(
-            out,
-            "\
----
-# Tenant {id} (isolation {isolation}).
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: \"{TENANT_POLICY_PREFIX}{id}\"
-  namespace: \"{namespace}\"
-  labels:
-    \"{APP_LABEL}\": \"{APP_NAME}\"
-    \"app.kubernetes.io/managed-by\": \"bulkhead-deploy-netpol\"
-    \"{TENANT_LABEL}\": \"{id}\"
-spec:
-  podSelector:
-    matchLabels:
-      \"{APP_LABEL}\": \"{APP_NAME}\"
-  policyTypes:
-    - Ingress
-  ingress:
-    - from:
-        - namespaceSelector:
-            matchLabels:
-              \"{TENANT_LABEL}\": \"{id}\"
-          podSelector:
-            matchLabels:
-              \"{TENANT_LABEL}\": \"{id}\"
-      ports:
-        - protocol: UDP
-          port: {quic}
-        - protocol: TCP
-          port: {tcp}
-",
-            isolation = isolation_name(tenant.isolation),
+        policy(
+            &mut out,
+            &format!(
+                "# Tenant {id} (isolation {}).\n",
+                isolation_name(tenant.isolation)
+            ),
+            &format!("{TENANT_POLICY_PREFIX}{id}"),
+            namespace,
+            Some((TENANT_LABEL, id)),
+            &admit(TENANT_LABEL, id, &[("UDP", quic), ("TCP", tcp)]),
         );
     }
     if let Some(metrics) = config.listeners.metrics {
-        scrapers_policy(&mut out, namespace, metrics.port());
+        let port = metrics.port();
+        policy(
+            &mut out,
+            &format!(
+                "# Prometheus: pods labelled {SCRAPER_LABEL}=true, in a namespace labelled\n\
+                 # the same, to the metrics endpoint (TCP {port}: GET /metrics and /healthz).\n"
+            ),
+            METRICS_POLICY_NAME,
+            namespace,
+            None,
+            &admit(SCRAPER_LABEL, "true", &[("TCP", port)]),
+        );
     }
     out
 }
 
-/// The policy admitting the scrapers to the metrics endpoint's `port`.
-fn scrapers_policy(out: &mut String, namespace: &str, port: u16) {
+/// One policy document of the bulkhead pods: `---`, `comment`, then the
+/// policy named `name` (with `label` added to its own labels) whose
+/// `ingress` (YAML under `spec`; empty denies everything) follows.
+fn policy(
+    out: &mut String,
+    comment: &str,
+    name: &str,
+    namespace: &str,
+    label: Option<(&str, &str)>,
+    ingress: &str,
+) {
+    let label = label.map_or_else(String::new, |(k, v)| format!("    \"{k}\": \"{v}\"\n"));
     let _ = write!(
         out,
         "\
 ---
-# Prometheus: pods labelled {SCRAPER_LABEL}=true, in a namespace labelled
-# the same, to the metrics endpoint (TCP {port}: GET /metrics and /healthz).
-apiVersion: networking.k8s.io/v1
+{comment}apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata:
-  name: \"{METRICS_POLICY_NAME}\"
+  name: \"{name}\"
   namespace: \"{namespace}\"
   labels:
     \"{APP_LABEL}\": \"{APP_NAME}\"
     \"app.kubernetes.io/managed-by\": \"bulkhead-deploy-netpol\"
-spec:
+{label}spec:
   podSelector:
     matchLabels:
       \"{APP_LABEL}\": \"{APP_NAME}\"
   policyTypes:
     - Ingress
-  ingress:
+{ingress}"
+    );
+}
+
+/// The `ingress` admitting pods labelled `label: value`, in namespaces
+/// labelled the same, to `ports` (protocol, port) and nothing else.
+fn admit(label: &str, value: &str, ports: &[(&str, u16)]) -> String {
+    let mut out = format!(
+        "  ingress:
     - from:
         - namespaceSelector:
             matchLabels:
-              \"{SCRAPER_LABEL}\": \"true\"
+              \"{label}\": \"{value}\"
           podSelector:
             matchLabels:
-              \"{SCRAPER_LABEL}\": \"true\"
+              \"{label}\": \"{value}\"
       ports:
-        - protocol: TCP
-          port: {port}
 "
     );
+    for (protocol, port) in ports {
+        let _ = write!(
+            out,
+            "        - protocol: {protocol}\n          port: {port}\n"
+        );
+    }
+    out
 }
 
 #[cfg(test)]
