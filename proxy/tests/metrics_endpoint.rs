@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Host, admin_get, connect, request, start, tenant};
+use common::{Host, admin_get, admin_get_text, connect, request, start, tenant};
 use http::StatusCode;
 use http_body_util::BodyExt as _;
 use serde_json::json;
@@ -80,15 +80,7 @@ async fn the_metrics_endpoint_serves_metrics_and_health_and_nothing_else() {
             .map(str::to_owned)
             .collect()
     };
-    let mut admin = std::os::unix::net::UnixStream::connect(host.dir.join("admin.sock")).unwrap();
-    write!(
-        admin,
-        "GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    admin.read_to_string(&mut raw).unwrap();
-    assert_eq!(series(&text), series(&raw));
+    assert_eq!(series(&text), series(&admin_get_text(&host, "/metrics")));
 
     // Nothing else: no tenants' settings, no workers, no reload.
     for (method, path) in [

@@ -9,10 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-fn tenants(host: &Host, extra: &[&str]) -> (bool, String, String) {
+/// `bulkhead tenants --admin <host's dir>/<socket> extra…`: success, stdout, stderr.
+fn tenants(host: &Host, socket: &str, extra: &[&str]) -> (bool, String, String) {
     let out = Command::new(BIN)
         .args(["tenants", "--admin"])
-        .arg(host.dir.join("admin.sock"))
+        .arg(host.dir.join(socket))
         .args(extra)
         .output()
         .unwrap();
@@ -32,7 +33,7 @@ fn tenants_lists_what_the_running_serve_serves() {
     // The table once the worker is up.
     let deadline = Instant::now() + Duration::from_secs(30);
     let table = loop {
-        let (ok, out, err) = tenants(&host, &[]);
+        let (ok, out, err) = tenants(&host, "admin.sock", &[]);
         if ok && out.contains("(1 alive)") {
             break out;
         }
@@ -55,20 +56,15 @@ fn tenants_lists_what_the_running_serve_serves() {
     assert_eq!(row("acme")[7], "tiny", "{table}");
     assert_eq!(lines.last().copied(), Some("workers: 1 (1 alive)"));
 
-    let (ok, json, err) = tenants(&host, &["--json"]);
+    let (ok, json, err) = tenants(&host, "admin.sock", &["--json"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["tenants"].as_array().unwrap().len(), 2);
     assert_eq!(v["workers"][0]["alive"], true);
 
     // A wrong endpoint is named, and nothing is printed.
-    let out = Command::new(BIN)
-        .args(["tenants", "--admin"])
-        .arg(host.dir.join("nowhere.sock"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(out.stdout.is_empty());
-    let err = String::from_utf8(out.stderr).unwrap();
+    let (ok, out, err) = tenants(&host, "nowhere.sock", &[]);
+    assert!(!ok);
+    assert!(out.is_empty());
     assert!(err.contains("nowhere.sock"), "{err}");
 }

@@ -193,6 +193,12 @@ pub fn request(method: &str, path: &str, key: &str, body: Option<&Value>) -> Req
 
 /// `GET path` on the host's admin socket, as JSON.
 pub fn admin_get(host: &Host, path: &str) -> Value {
+    let body = admin_get_text(host, path);
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// `GET path` on the host's admin socket: the body.
+pub fn admin_get_text(host: &Host, path: &str) -> String {
     let mut s = std::os::unix::net::UnixStream::connect(host.dir.join("admin.sock")).unwrap();
     write!(
         s,
@@ -201,6 +207,8 @@ pub fn admin_get(host: &Host, path: &str) -> Value {
     .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
-    let body = raw.split_once("\r\n\r\n").expect("an HTTP answer").1;
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    raw.split_once("\r\n\r\n")
+        .expect("an HTTP answer")
+        .1
+        .to_owned()
 }
