@@ -175,12 +175,7 @@ fn answer_read_only(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>>
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => health(app),
         (&Method::GET, "/metrics") => metrics(app),
-        (_, "/healthz" | "/metrics") => reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "application/json",
-            json!({"error": format!("{} is not allowed on {}", req.method(), req.uri().path())})
-                .to_string(),
-        ),
+        (_, "/healthz" | "/metrics") => not_allowed(req),
         (_, path) => reply(
             StatusCode::NOT_FOUND,
             "application/json",
@@ -191,6 +186,16 @@ fn answer_read_only(app: &App, req: &Request<Incoming>) -> Response<Full<Bytes>>
             .to_string(),
         ),
     }
+}
+
+/// 405 for a method the path does not take.
+fn not_allowed(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    reply(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "application/json",
+        json!({"error": format!("{} is not allowed on {}", req.method(), req.uri().path())})
+            .to_string(),
+    )
 }
 
 fn health(app: &App) -> Response<Full<Bytes>> {
@@ -308,10 +313,7 @@ async fn answer(
                 }
             }
         }
-        (_, "/healthz" | "/metrics" | "/tenants" | "/workers" | "/reload") => json(
-            StatusCode::METHOD_NOT_ALLOWED,
-            json!({"error": format!("{} is not allowed on {}", req.method(), req.uri().path())}),
-        ),
+        (_, "/healthz" | "/metrics" | "/tenants" | "/workers" | "/reload") => not_allowed(req),
         (_, path) => json(
             StatusCode::NOT_FOUND,
             json!({"error": format!("unknown admin path {path}")}),
