@@ -13,6 +13,9 @@ use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// bulkhead: serve LLMs to many tenants on one GPU host, isolated at every layer.
 #[derive(Debug, Parser)]
 #[command(version, about)]
