@@ -24,7 +24,7 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 /// Which compute backend a worker runs.
@@ -177,8 +177,42 @@ struct Connection {
     stream: UnixStream,
     events: Receiver<Event>,
     worker_id: u32,
-    sim_realtime: bool,
+    /// `Some` when a `sim` worker keeps real time.
+    pacer: Option<Pacer>,
     out: Vec<u8>,
+}
+
+/// How far behind its modelled clock a `sim` worker may fall and still catch up.
+const PACING_SLACK: Duration = Duration::from_millis(2);
+
+/// The real-time clock of a `sim` worker: each step ends its modelled time
+/// after the last one ended, while the engine runs straight on.
+///
+/// The host's own time between steps (planning, writing the answers, a
+/// sleep's lateness) is inside the next step's modelled time, as it is on a
+/// GPU, where the calibration's fixed cost per step already counts the
+/// scheduler. Sleeping for the modelled time after that work, as the worker
+/// did before, made every step longer by it (~0.2 ms a step, measured
+/// beside a bursting tenant). A worker that idled, or fell more than
+/// [`PACING_SLACK`] behind, starts again from the present: it never runs
+/// ahead of its arrivals to make up for lost time.
+#[derive(Debug, Default)]
+struct Pacer {
+    /// When the last step ends, in modelled time.
+    until: Option<Instant>,
+}
+
+impl Pacer {
+    /// The instant a step that began at `started` and models `time` ends.
+    fn end(&mut self, started: Instant, time: Duration) -> Instant {
+        let begin = match self.until {
+            Some(last) if started.saturating_duration_since(last) <= PACING_SLACK => last,
+            _ => started,
+        };
+        let end = begin + time;
+        self.until = Some(end);
+        end
+    }
 }
 
 impl Connection {
@@ -193,7 +227,7 @@ impl Connection {
             stream,
             events: rx,
             worker_id: opts.worker_id,
-            sim_realtime: opts.sim_realtime,
+            pacer: opts.sim_realtime.then(Pacer::default),
             out: Vec::new(),
         })
     }
@@ -291,11 +325,13 @@ impl Connection {
                 }
             }
             if engine.has_work() {
+                let started = Instant::now();
                 let report = engine.step().context("the backend failed a step")?;
                 if let Some(t) = report.and_then(|r| r.modelled_time)
-                    && self.sim_realtime
+                    && let Some(pacer) = self.pacer.as_mut()
                 {
-                    std::thread::sleep(t);
+                    let end = pacer.end(started, t);
+                    std::thread::sleep(end.saturating_duration_since(Instant::now()));
                 }
             }
             let outbox = engine.take_outbox();
@@ -370,5 +406,38 @@ fn read_frames(mut stream: UnixStream, tx: &mpsc::Sender<Event>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn back_to_back_steps_keep_the_modelled_clock_whatever_the_host_adds() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::default();
+        assert_eq!(pacer.end(t0, 30 * MS), t0 + 30 * MS);
+        // The host took 0.4 ms after the first step's end before the second began.
+        let second = t0 + 30 * MS + MS * 2 / 5;
+        assert_eq!(pacer.end(second, 40 * MS), t0 + 70 * MS);
+        // And again, 1.9 ms late: still within the slack, still no drift.
+        let third = t0 + 70 * MS + MS * 19 / 10;
+        assert_eq!(pacer.end(third, 10 * MS), t0 + 80 * MS);
+    }
+
+    #[test]
+    fn after_idling_or_falling_far_behind_the_clock_starts_from_now() {
+        let t0 = Instant::now();
+        let mut pacer = Pacer::default();
+        pacer.end(t0, 30 * MS);
+        // Idle for a second: the next step is not shortened by it.
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(pacer.end(later, 30 * MS), later + 30 * MS);
+        // 5 ms late (past the slack): no catching up either.
+        let late = later + 30 * MS + 5 * MS;
+        assert_eq!(pacer.end(late, 20 * MS), late + 20 * MS);
     }
 }
