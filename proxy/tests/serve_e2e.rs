@@ -10,35 +10,22 @@ use bulkhead::{
 };
 use bulkhead_core::{
     TenantId,
-    identity::ApiKeyHash,
     wire::{ProxyToWorker, RequestId, Sampling, Submit, WorkerToProxy},
 };
 use bulkhead_kernels::model::{ByteTokenizer, ModelConfig};
 use serde_json::{Value, json};
 use std::{
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
+mod common;
+
+use common::{Host, start, tenant};
+
 const ACME_KEY: &str = "sk-acme-e2e";
-const BIN: &str = env!("CARGO_BIN_EXE_bulkhead");
-
-struct Host {
-    dir: PathBuf,
-    serve: Child,
-    quic: String,
-    tcp: String,
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = self.serve.kill();
-        let _ = self.serve.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+const BIN: &str = common::BIN;
 
 fn python() -> PathBuf {
     let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python");
@@ -50,87 +37,12 @@ fn python() -> PathBuf {
     py
 }
 
-fn start(name: &str) -> Host {
-    let dir = std::env::temp_dir().join(format!("bh-e2e-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let pki = dir.join("pki");
-    let status = Command::new(BIN)
-        .args([
-            "certs",
-            "--trust-domain",
-            "bulkhead.test",
-            "--tenants",
-            "acme,globex",
-            "--out",
-        ])
-        .arg(&pki)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let config = format!(
-        r#"
-trust_domain = "bulkhead.test"
-[listeners]
-quic = "127.0.0.1:0"
-tcp = "127.0.0.1:0"
-[tls]
-cert = "{pki}/server.pem"
-key = "{pki}/server.key"
-client_ca = ["{pki}/tenant-ca.pem"]
-[kv]
-pool_blocks = 1024
-# Loopback tests must not attach programs to the test runner's own cgroup.
-[ebpf]
-mode = "off"
-[audit]
-dir = "{dir}/audit"
-key_file = "{dir}/audit.key"
-[[models]]
-name = "tiny"
-backend = "cpu"
-max_context_tokens = 2048
-[[tenants]]
-id = "acme"
-allowed_models = ["tiny"]
-kv_block_quota = 512
-api_key_sha256 = ["{key}"]
-[[tenants]]
-id = "globex"
-allowed_models = ["tiny"]
-kv_block_quota = 512
-"#,
-        pki = pki.display(),
-        dir = dir.display(),
-        key = ApiKeyHash::of(ACME_KEY).to_hex()
-    );
-    let config_path = dir.join("host.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let mut serve = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .arg("--runtime-dir")
-        .arg(dir.join("run"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(serve.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let (quic, tcp) = line
-        .trim()
-        .strip_prefix("listening quic=")
-        .and_then(|rest| rest.split_once(" tcp="))
-        .unwrap_or_else(|| panic!("unexpected first line from serve: {line:?}"));
-    Host {
-        quic: quic.to_owned(),
-        tcp: tcp.to_owned(),
-        serve,
-        dir,
-    }
+/// `serve` with acme (whose API key is [`ACME_KEY`]) and globex, a CPU worker.
+fn host(name: &str) -> Host {
+    start(
+        &format!("e2e-{name}"),
+        &(tenant("acme", ACME_KEY, 100.0) + &tenant("globex", "sk-globex-e2e", 100.0)),
+    )
 }
 
 fn port(addr: &str) -> &str {
@@ -236,7 +148,7 @@ fn sse_text(lines: &[Value]) -> String {
 
 #[test]
 fn h3_and_openai_sdk_stream_what_the_worker_gives() {
-    let host = start("stream");
+    let host = host("stream");
     let body = json!({
         "model": "tiny", "stream": true, "max_tokens": 16, "temperature": 0.7, "seed": 42,
         "messages": [{"role": "user", "content": "Tell me about isolation."}]
@@ -300,7 +212,7 @@ fn h3_and_openai_sdk_stream_what_the_worker_gives() {
 
 #[test]
 fn clients_without_a_trusted_certificate_are_refused() {
-    let host = start("refuse");
+    let host = host("refuse");
     let body =
         json!({"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]});
     let lines = h3(&host, "untrusted-client.pem", "untrusted-client.key", &body);

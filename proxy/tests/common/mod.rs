@@ -25,6 +25,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_bulkhead");
 pub struct Host {
     pub dir: PathBuf,
     pub serve: Child,
+    /// The QUIC (HTTP/3) listener's address.
+    pub quic: String,
     pub tcp: String,
     /// The metrics endpoint's address (`[listeners] metrics`).
     pub metrics: String,
@@ -87,7 +89,7 @@ pub fn start(name: &str, tenants: &str) -> Host {
 
 /// [`start`] with the model on `backend` (`cpu` or `sim`).
 pub fn start_backend(name: &str, tenants: &str, backend: &str) -> Host {
-    let dir = std::env::temp_dir().join(format!("bh-reload-{name}-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("bh-host-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let status = Command::new(BIN)
@@ -120,10 +122,11 @@ pub fn start_backend(name: &str, tenants: &str, backend: &str) -> Host {
             .unwrap_or_else(|| panic!("no {name} in the first line from serve: {line:?}"))
             .to_owned()
     };
-    let (tcp, metrics) = (field("tcp="), field("metrics="));
+    let (quic, tcp, metrics) = (field("quic="), field("tcp="), field("metrics="));
     Host {
         dir,
         serve,
+        quic,
         tcp,
         metrics,
     }
