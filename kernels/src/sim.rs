@@ -5,12 +5,24 @@
 //! only the forward pass is replaced by a modelled duration:
 //!
 //! ```text
-//! step = fixed + prefill_tokens · per_prefill_token + decode_seqs · per_decode_seq
-//!      + weight_bytes / bandwidth + kv_bytes_read / bandwidth
+//! additive (the default):
+//!   step = fixed + prefill_tokens · per_prefill_token + decode_seqs · per_decode_seq
+//!        + (weight_bytes + kv_bytes_read) / bandwidth
+//! roofline (`mixed_batch = "roofline"`):
+//!   step = fixed + max((weight_bytes + kv_bytes_read) / bandwidth,
+//!                      (prefill_tokens + decode_seqs) · per_prefill_token)
+//!        + decode_seqs · per_decode_seq
 //! ```
 //!
 //! `kv_bytes_read` is every context token's K and V in every layer, for each
-//! sequence in the batch (what paged attention reads). Defaults describe an
+//! sequence in the batch (what paged attention reads). The two differ only
+//! in steps that mix prompts with decodes: additive charges a prompt token's
+//! matrix work on top of the weight read; roofline lets the dense layers
+//! take the longer of reading the weights and the FLOPs of every token in
+//! the batch (decode tokens do the same matrix work per token as prompt
+//! tokens), as a GEMM of a few hundred rows does on a GPU. Additive is the
+//! pessimistic bound for a busy tenant's prompts slowing everyone's steps;
+//! which is nearer a given GPU is a measurement. Defaults describe an
 //! H100 SXM serving a Llama-3-8B-shaped model in bf16; a calibration file
 //! (TOML, the fields of [`CostModel`]) replaces them with measurements.
 //!
@@ -26,11 +38,11 @@ use crate::{
     model::ModelConfig,
 };
 use bulkhead_core::wire::WorkerBackend;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::{path::Path, time::Duration};
 
 /// Step-time model of a device and model, in nanoseconds and bytes.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CostModel {
     /// Launch and scheduling overhead of any step.
@@ -47,6 +59,43 @@ pub struct CostModel {
     pub kv_bytes_per_token_layer: f64,
     /// Layers of the modelled model.
     pub layers: f64,
+    /// How the dense layers of a step that mixes prompts with decodes cost.
+    pub mixed_batch: MixedBatch,
+}
+
+/// How a step's dense layers cost when prompt tokens ride with decodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedBatch {
+    /// The weight read plus every prompt token's compute.
+    #[default]
+    Additive,
+    /// The longer of the weight (and KV) read and every token's compute.
+    Roofline,
+}
+
+impl std::str::FromStr for MixedBatch {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "additive" => Ok(Self::Additive),
+            "roofline" => Ok(Self::Roofline),
+            other => Err(format!(
+                "`{other}` is not a mixed-batch model: `additive` or `roofline`"
+            )),
+        }
+    }
+}
+
+impl MixedBatch {
+    /// The name a calibration file uses.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Additive => "additive",
+            Self::Roofline => "roofline",
+        }
+    }
 }
 
 impl Default for CostModel {
@@ -62,6 +111,7 @@ impl Default for CostModel {
             bandwidth_bytes_per_s: 2.68e12,
             kv_bytes_per_token_layer: 2.0 * 8.0 * 128.0 * 2.0,
             layers: 32.0,
+            mixed_batch: MixedBatch::Additive,
         }
     }
 }
@@ -108,6 +158,11 @@ impl CostModel {
         Ok(model)
     }
 
+    /// The model as a calibration file that [`Self::from_file`] reads back.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a struct of numbers and a unit enum serializes")
+    }
+
     /// Every field finite and non-negative; the bandwidth positive.
     pub fn validate(&self) -> Result<(), String> {
         for (name, v) in [
@@ -138,10 +193,12 @@ impl CostModel {
     )]
     pub fn step_time(&self, prefill: usize, decode: usize, context_tokens: usize) -> Duration {
         let kv = context_tokens as f64 * self.layers * self.kv_bytes_per_token_layer;
-        let ns = self.fixed_ns
-            + prefill as f64 * self.per_prefill_token_ns
-            + decode as f64 * self.per_decode_seq_ns
-            + (self.weight_bytes + kv) / self.bandwidth_bytes_per_s * 1e9;
+        let read = (self.weight_bytes + kv) / self.bandwidth_bytes_per_s * 1e9;
+        let dense = match self.mixed_batch {
+            MixedBatch::Additive => read + prefill as f64 * self.per_prefill_token_ns,
+            MixedBatch::Roofline => read.max((prefill + decode) as f64 * self.per_prefill_token_ns),
+        };
+        let ns = self.fixed_ns + dense + decode as f64 * self.per_decode_seq_ns;
         Duration::from_nanos(ns.round() as u64)
     }
 }
@@ -308,5 +365,57 @@ mod tests {
             "{long:?}"
         );
         assert!(c.step_time(512, 0, 512) > c.step_time(256, 0, 256));
+    }
+
+    #[test]
+    fn roofline_lets_prompts_ride_under_the_weight_read_and_no_further() {
+        let additive = CostModel::default();
+        let roofline = CostModel {
+            mixed_batch: MixedBatch::Roofline,
+            ..CostModel::default()
+        };
+        let (decode, context) = (32, 32 * 128);
+        let alone = additive.step_time(0, decode, context);
+        // Without prompts the two agree.
+        assert_eq!(roofline.step_time(0, decode, context), alone);
+        // 64 prompt tokens: additive charges their compute (64 × 27 µs);
+        // under roofline, 96 rows of compute (2.6 ms) hide under the ~6 ms read.
+        assert_eq!(
+            additive.step_time(64, decode, context + 64),
+            additive.step_time(0, decode, context + 64) + Duration::from_micros(64 * 27)
+        );
+        assert_eq!(
+            roofline.step_time(64, decode, context + 64),
+            roofline.step_time(0, decode, context + 64)
+        );
+        // 480 prompt tokens: compute (512 × 27 µs = 13.8 ms) is past the read,
+        // and the step is compute-bound, still shorter than additive's sum.
+        let big = roofline.step_time(480, decode, context + 480);
+        assert_eq!(big, Duration::from_micros(150 + 512 * 27 + 32 * 20));
+        assert!(big < additive.step_time(480, decode, context + 480));
+    }
+
+    #[test]
+    fn a_calibration_file_names_its_mixed_batch_model() {
+        let dir = std::env::temp_dir().join(format!("bh-cal-mix-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("roofline.toml");
+        std::fs::write(&file, "mixed_batch = \"roofline\"\n").unwrap();
+        assert_eq!(
+            CostModel::from_file(&file).unwrap().mixed_batch,
+            MixedBatch::Roofline
+        );
+        let written = dir.join("written.toml");
+        let model = CostModel {
+            mixed_batch: MixedBatch::Roofline,
+            per_prefill_token_ns: 138_000.0,
+            ..CostModel::default()
+        };
+        std::fs::write(&written, model.to_toml()).unwrap();
+        assert_eq!(CostModel::from_file(&written).unwrap(), model);
+        std::fs::write(&file, "mixed_batch = \"overlap\"\n").unwrap();
+        let err = CostModel::from_file(&file).unwrap_err().to_string();
+        assert!(err.contains("overlap") && err.contains("roofline"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -32,7 +32,7 @@ use super::{
     verdict,
 };
 use anyhow::Context as _;
-use bulkhead_kernels::sim::CostModel;
+use bulkhead_kernels::sim::{CostModel, MixedBatch};
 use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
 /// The built-in calibration.
@@ -56,7 +56,8 @@ const MAX_QUEUED: u32 = 128;
 const GOAL_RATIO: f64 = 1.2;
 /// Goal: Jain's index under fair 1:1.
 const GOAL_JAIN: f64 = 0.99;
-/// Start and end of the section `--out` replaces in an existing file.
+/// Start and end of the section `--out` replaces in an existing file; a
+/// run with `--mixed-batch` has a section of its own (see [`markers`]).
 const BEGIN: &str = "<!-- bench seed: begin -->";
 const END: &str = "<!-- bench seed: end -->";
 
@@ -78,6 +79,10 @@ pub struct SeedArgs {
     /// A calibration file instead of the built-in 70B FP8 one.
     #[arg(long)]
     pub calibration: Option<PathBuf>,
+    /// Overrides the calibration's model of steps that mix prompts with
+    /// decodes: `additive` or `roofline` (see `kernels/src/sim.rs`).
+    #[arg(long)]
+    pub mixed_batch: Option<MixedBatch>,
     /// The `bulkhead` binary for workers; `None` for this process's own.
     #[arg(skip)]
     pub program: Option<PathBuf>,
@@ -94,7 +99,7 @@ struct Calibration {
 }
 
 impl Calibration {
-    fn load(path: Option<&PathBuf>) -> anyhow::Result<Self> {
+    fn load(path: Option<&PathBuf>, mixed_batch: Option<MixedBatch>) -> anyhow::Result<Self> {
         let dir = TempDir::new("seed")?;
         let (name, text) = match path {
             Some(p) => (
@@ -103,27 +108,22 @@ impl Calibration {
             ),
             None => (CALIBRATION_NAME.to_owned(), CALIBRATION.to_owned()),
         };
-        let full = dir.path().join("full.toml");
-        std::fs::write(&full, &text)?;
-        let cost = CostModel::from_file(&full)?;
+        let source = dir.path().join("source.toml");
+        std::fs::write(&source, &text)?;
+        let mut cost = CostModel::from_file(&source)?;
+        if let Some(m) = mixed_batch {
+            cost.mixed_batch = m;
+        }
         // Two busy processes time-share the GPU: each gets half of it.
-        let half = dir.path().join("half.toml");
-        std::fs::write(
-            &half,
-            format!(
-                "fixed_ns = {:?}\nper_prefill_token_ns = {:?}\nper_decode_seq_ns = {:?}\n\
-                 weight_bytes = {:?}\nbandwidth_bytes_per_s = {:?}\n\
-                 kv_bytes_per_token_layer = {:?}\nlayers = {:?}\n",
-                cost.fixed_ns,
-                cost.per_prefill_token_ns * 2.0,
-                cost.per_decode_seq_ns * 2.0,
-                cost.weight_bytes,
-                cost.bandwidth_bytes_per_s / 2.0,
-                cost.kv_bytes_per_token_layer,
-                cost.layers,
-            ),
-        )?;
-        let half_cost = CostModel::from_file(&half)?;
+        let half_cost = CostModel {
+            per_prefill_token_ns: cost.per_prefill_token_ns * 2.0,
+            per_decode_seq_ns: cost.per_decode_seq_ns * 2.0,
+            bandwidth_bytes_per_s: cost.bandwidth_bytes_per_s / 2.0,
+            ..cost.clone()
+        };
+        let (full, half) = (dir.path().join("full.toml"), dir.path().join("half.toml"));
+        std::fs::write(&full, cost.to_toml())?;
+        std::fs::write(&half, half_cost.to_toml())?;
         Ok(Self {
             name,
             cost,
@@ -146,12 +146,23 @@ fn full_step(cost: &CostModel, slots: u32) -> Duration {
     cost.step_time(0, slots as usize, context as usize)
 }
 
-/// Requests per second a worker of `slots` serves at a full batch: each
-/// request's prefill plus its share of `OUTPUT` full steps.
+/// Requests per second a worker of `slots` serves at a full batch: every
+/// step decodes `slots` sequences and prefills the prompts of the
+/// `slots / OUTPUT` requests that replace the ones it finishes.
 fn capacity_rps(cost: &CostModel, slots: u32) -> f64 {
-    let prefill = PROMPT.mean() * cost.per_prefill_token_ns * 1e-9;
-    let decode = f64::from(OUTPUT) * full_step(cost, slots).as_secs_f64() / f64::from(slots);
-    1.0 / (prefill + decode)
+    let replaced = f64::from(slots) / f64::from(OUTPUT);
+    let context = f64::from(slots) * (PROMPT.mean() + f64::from(OUTPUT) / 2.0);
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "small"
+    )]
+    let step = cost.step_time(
+        (replaced * PROMPT.mean()).round() as usize,
+        slots as usize,
+        context as usize,
+    );
+    replaced / step.as_secs_f64()
 }
 
 /// The runs: a label and its scenario.
@@ -216,7 +227,7 @@ fn scenarios(args: &SeedArgs, cal: &Calibration) -> Vec<(&'static str, Scenario)
 
 /// Runs the bench; returns the markdown and the goals' verdicts.
 pub fn run(args: &SeedArgs) -> anyhow::Result<String> {
-    let cal = Calibration::load(args.calibration.as_ref())?;
+    let cal = Calibration::load(args.calibration.as_ref(), args.mixed_batch)?;
     let mut results = Vec::new();
     for (label, scenario) in scenarios(args, &cal) {
         tracing::info!("bench seed: `{label}` ({} s)", scenario.seconds);
@@ -228,21 +239,38 @@ pub fn run(args: &SeedArgs) -> anyhow::Result<String> {
     let markdown = markdown(args, &cal, &results);
     if let Some(path) = &args.out {
         let old = std::fs::read_to_string(path).unwrap_or_default();
-        let section = format!("{BEGIN}\n{markdown}{END}\n");
-        let new = match (old.find(BEGIN), old.find(END)) {
-            (Some(b), Some(e)) if b < e => {
-                format!(
-                    "{}{section}{}",
-                    &old[..b],
-                    old[e + END.len()..].trim_start_matches('\n')
-                )
-            }
-            _ if old.is_empty() => section,
-            _ => format!("{old}\n{section}"),
-        };
+        let (begin, end) = markers(args.mixed_batch);
+        let new = splice(&old, &markdown, &begin, &end);
         std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(markdown)
+}
+
+/// The markers of the section a run writes: the table of record for the
+/// calibration as it is, one section per `--mixed-batch` override.
+fn markers(mixed_batch: Option<MixedBatch>) -> (String, String) {
+    match mixed_batch {
+        None => (BEGIN.to_owned(), END.to_owned()),
+        Some(m) => (
+            format!("<!-- bench seed --mixed-batch {}: begin -->", m.name()),
+            format!("<!-- bench seed --mixed-batch {}: end -->", m.name()),
+        ),
+    }
+}
+
+/// `old` with the section between `begin` and `end` replaced by `markdown`,
+/// or the section appended when `old` has none.
+fn splice(old: &str, markdown: &str, begin: &str, end: &str) -> String {
+    let section = format!("{begin}\n{markdown}{end}\n");
+    match (old.find(begin), old.find(end)) {
+        (Some(b), Some(e)) if b < e => format!(
+            "{}{section}{}",
+            &old[..b],
+            old[e + end.len()..].trim_start_matches('\n')
+        ),
+        _ if old.is_empty() => section,
+        _ => format!("{old}\n{section}"),
+    }
 }
 
 /// The row values of one tenant: p99 TTFT, 429s, ok/sent, served tokens/s.
@@ -300,6 +328,9 @@ fn header(args: &SeedArgs, cal: &Calibration) -> String {
     if let Some(c) = &args.calibration {
         let _ = write!(command, " --calibration {}", c.display());
     }
+    if let Some(m) = args.mixed_batch {
+        let _ = write!(command, " --mixed-batch {}", m.name());
+    }
     if let Some(o) = &args.out {
         let _ = write!(command, " --out {}", o.display());
     }
@@ -311,13 +342,14 @@ fn header(args: &SeedArgs, cal: &Calibration) -> String {
     let _ = writeln!(
         out,
         "Calibration: `{}` (one H100 SXM 80GB, Llama-3-70B-class model, FP8 weights and KV cache): \
-         a decode step of {SLOTS} sequences takes {:.1} ms, prefill {:.0} µs per prompt token; \
-         modelled capacity for this load ≈ {capacity:.1} req/s ({:.0} output tokens/s). \
+         a decode step of {SLOTS} sequences takes {:.1} ms, prefill {:.0} µs per prompt token, \
+         mixed batches {}; modelled capacity for this load ≈ {capacity:.1} req/s ({:.0} output tokens/s). \
          Dedicated workers: {} slots and {} blocks each, at half the GPU's bandwidth and compute \
          (time-shared), ≈ {:.1} req/s each.",
         cal.name,
         step.as_secs_f64() * 1e3,
         cal.cost.per_prefill_token_ns / 1e3,
+        cal.cost.mixed_batch.name(),
         capacity * f64::from(OUTPUT),
         SLOTS / 2,
         BLOCKS / 2,
@@ -434,4 +466,37 @@ fn utc_now() -> String {
         rem / 3600,
         (rem % 3600) / 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_mixed_batch_model_writes_its_own_section_and_leaves_the_others() {
+        let (b, e) = markers(None);
+        let (rb, re) = markers(Some(MixedBatch::Roofline));
+        let doc = format!("# Benchmarks\n\n{b}\nold table\n{e}\n\nreading notes\n");
+        // The roofline run appends its section; the table of record stays.
+        let doc = splice(&doc, "roofline table\n", &rb, &re);
+        assert!(
+            doc.contains("old table") && doc.contains("roofline table"),
+            "{doc}"
+        );
+        // The default run replaces only its own section.
+        let doc = splice(&doc, "new table\n", &b, &e);
+        assert!(!doc.contains("old table"), "{doc}");
+        assert!(
+            doc.contains("new table") && doc.contains("roofline table"),
+            "{doc}"
+        );
+        assert!(doc.contains("reading notes"), "{doc}");
+        // And again: still one roofline section.
+        let doc = splice(&doc, "roofline 2\n", &rb, &re);
+        assert_eq!(doc.matches(&rb).count(), 1, "{doc}");
+        assert!(
+            !doc.contains("roofline table") && doc.contains("roofline 2"),
+            "{doc}"
+        );
+    }
 }
