@@ -193,9 +193,13 @@ const PACING_SLACK: Duration = Duration::from_millis(2);
 /// GPU, where the calibration's fixed cost per step already counts the
 /// scheduler. Sleeping for the modelled time after that work, as the worker
 /// did before, made every step longer by it (~0.2 ms a step, measured
-/// beside a bursting tenant). A worker that idled, or fell more than
-/// [`PACING_SLACK`] behind, starts again from the present: it never runs
-/// ahead of its arrivals to make up for lost time.
+/// beside a bursting tenant). A worker that idled (waited for a request
+/// with nothing to run), or fell more than [`PACING_SLACK`] behind, starts
+/// again from the present, so lost time is never made up at the expense of
+/// requests that had not arrived. The one thing moved earlier is a request
+/// that arrived during the host's work between two busy steps: it joins the
+/// step that began at the last one's modelled end (at most the slack
+/// before its arrival), as it would have been waiting there on a GPU.
 #[derive(Debug, Default)]
 struct Pacer {
     /// When the last step ends, in modelled time.
@@ -212,6 +216,11 @@ impl Pacer {
         let end = begin + time;
         self.until = Some(end);
         end
+    }
+
+    /// The engine has nothing to run: the next step starts from its own present.
+    fn idle(&mut self) {
+        self.until = None;
     }
 }
 
@@ -299,6 +308,9 @@ impl Connection {
                     }
                 } else {
                     // Idle: wake now and then to report capacity changes (none today).
+                    if let Some(pacer) = self.pacer.as_mut() {
+                        pacer.idle();
+                    }
                     match self.events.recv_timeout(Duration::from_secs(1)) {
                         Ok(e) => e,
                         Err(RecvTimeoutError::Timeout) => break,
@@ -439,5 +451,10 @@ mod tests {
         // 5 ms late (past the slack): no catching up either.
         let late = later + 30 * MS + 5 * MS;
         assert_eq!(pacer.end(late, 20 * MS), late + 20 * MS);
+        // Idle, then a request 1 ms after the last step's end: its step
+        // starts when it arrived, not at that end.
+        pacer.idle();
+        let soon = late + 20 * MS + MS;
+        assert_eq!(pacer.end(soon, 20 * MS), soon + 20 * MS);
     }
 }
