@@ -68,32 +68,20 @@ impl AdminListener {
     }
 
     /// Serves requests until `shutdown`.
-    pub async fn serve(self, app: Arc<App>, reloader: Arc<Reloader>, mut shutdown: ShutdownSignal) {
-        loop {
-            let conn = tokio::select! {
-                () = shutdown.triggered() => return,
-                c = self.accept() => c,
-            };
-            match conn {
-                Ok(io) => {
+    pub async fn serve(self, app: Arc<App>, reloader: Arc<Reloader>, shutdown: ShutdownSignal) {
+        let serve = move |io| {
+            let (app, reloader) = (app.clone(), reloader.clone());
+            async move {
+                let service = service_fn(move |req| {
                     let (app, reloader) = (app.clone(), reloader.clone());
-                    tokio::spawn(async move {
-                        let service = service_fn(move |req| {
-                            let (app, reloader) = (app.clone(), reloader.clone());
-                            async move { Ok::<_, Infallible>(answer(&app, reloader, &req).await) }
-                        });
-                        if let Err(err) = http1::Builder::new().serve_connection(io, service).await
-                        {
-                            tracing::debug!("admin connection: {err}");
-                        }
-                    });
-                }
-                Err(err) => {
-                    tracing::warn!("admin accept failed: {err}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    async move { Ok::<_, Infallible>(answer(&app, reloader, &req).await) }
+                });
+                if let Err(err) = http1::Builder::new().serve_connection(io, service).await {
+                    tracing::debug!("admin connection: {err}");
                 }
             }
-        }
+        };
+        accept_loop("admin", shutdown, || self.accept(), serve).await;
     }
 
     async fn accept(&self) -> std::io::Result<TokioIo<Box<dyn Io>>> {
@@ -132,39 +120,61 @@ impl MetricsListener {
 
     /// Serves requests until `shutdown`, [`METRICS_CONNECTIONS`] connections
     /// at a time, each given [`METRICS_HEADER_TIMEOUT`] to send its headers.
-    pub async fn serve(self, app: Arc<App>, mut shutdown: ShutdownSignal) {
+    pub async fn serve(self, app: Arc<App>, shutdown: ShutdownSignal) {
         let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
-        loop {
-            let conn = tokio::select! {
-                () = shutdown.triggered() => return,
-                c = async {
-                    let slot = slots.clone().acquire_owned().await.expect("never closed");
-                    self.0.accept().await.map(|(stream, _)| (stream, slot))
-                } => c,
-            };
-            match conn {
-                Ok((stream, slot)) => {
+        let accept = || {
+            let (slots, listener) = (slots.clone(), &self.0);
+            async move {
+                let slot = slots.acquire_owned().await.expect("never closed");
+                listener.accept().await.map(|(stream, _)| (stream, slot))
+            }
+        };
+        let serve = move |(stream, slot)| {
+            let app = app.clone();
+            async move {
+                let service = service_fn(move |req: Request<Incoming>| {
                     let app = app.clone();
-                    tokio::spawn(async move {
-                        let service = service_fn(move |req: Request<Incoming>| {
-                            let app = app.clone();
-                            async move { Ok::<_, Infallible>(answer_read_only(&app, &req)) }
-                        });
-                        if let Err(err) = http1::Builder::new()
-                            .timer(hyper_util::rt::TokioTimer::new())
-                            .header_read_timeout(METRICS_HEADER_TIMEOUT)
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await
-                        {
-                            tracing::debug!("metrics connection: {err}");
-                        }
-                        drop(slot);
-                    });
+                    async move { Ok::<_, Infallible>(answer_read_only(&app, &req)) }
+                });
+                if let Err(err) = http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    tracing::debug!("metrics connection: {err}");
                 }
-                Err(err) => {
-                    tracing::warn!("metrics accept failed: {err}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
+                drop(slot); // the connection's place, freed for the next
+            }
+        };
+        accept_loop("metrics", shutdown, accept, serve).await;
+    }
+}
+
+/// Accepts connections with `accept` until `shutdown`, each served by
+/// `serve` on a task of its own; a failed accept is logged and retried
+/// after 50 ms (the admin and the metrics endpoints).
+async fn accept_loop<C, A, S>(
+    what: &str,
+    mut shutdown: ShutdownSignal,
+    mut accept: impl FnMut() -> A,
+    serve: impl Fn(C) -> S,
+) where
+    A: Future<Output = std::io::Result<C>>,
+    S: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let conn = tokio::select! {
+            () = shutdown.triggered() => return,
+            c = accept() => c,
+        };
+        match conn {
+            Ok(conn) => {
+                tokio::spawn(serve(conn));
+            }
+            Err(err) => {
+                tracing::warn!("{what} accept failed: {err}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
     }
@@ -346,23 +356,21 @@ pub async fn admin_request(
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: bulkhead-admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
+    let mut stream: Box<dyn Io> = match endpoint {
+        AdminEndpoint::Unix(path) => Box::new(
+            tokio::net::UnixStream::connect(path)
+                .await
+                .with_context(|| format!("connecting to the admin socket {}", path.display()))?,
+        ),
+        AdminEndpoint::Tcp(addr) => Box::new(
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connecting to the admin endpoint {addr}"))?,
+        ),
+    };
+    stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
-    match endpoint {
-        AdminEndpoint::Unix(path) => {
-            let mut s = tokio::net::UnixStream::connect(path)
-                .await
-                .with_context(|| format!("connecting to the admin socket {}", path.display()))?;
-            s.write_all(request.as_bytes()).await?;
-            s.read_to_end(&mut raw).await?;
-        }
-        AdminEndpoint::Tcp(addr) => {
-            let mut s = tokio::net::TcpStream::connect(addr)
-                .await
-                .with_context(|| format!("connecting to the admin endpoint {addr}"))?;
-            s.write_all(request.as_bytes()).await?;
-            s.read_to_end(&mut raw).await?;
-        }
-    }
+    stream.read_to_end(&mut raw).await?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
