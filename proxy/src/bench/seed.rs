@@ -135,15 +135,20 @@ impl Calibration {
     }
 }
 
-/// A full decode step of `slots` sequences of the benches' requests.
-fn full_step(cost: &CostModel, slots: u32) -> Duration {
+/// A step of a full batch of `slots` sequences of the benches' requests,
+/// decoding, with `prompt_tokens` of prefill riding along.
+fn full_step(cost: &CostModel, slots: u32, prompt_tokens: f64) -> Duration {
     let context = f64::from(slots) * (PROMPT.mean() + f64::from(OUTPUT) / 2.0);
     #[expect(
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,
         reason = "small"
     )]
-    cost.step_time(0, slots as usize, context as usize)
+    cost.step_time(
+        prompt_tokens.round() as usize,
+        slots as usize,
+        context as usize,
+    )
 }
 
 /// Requests per second a worker of `slots` serves at a full batch: every
@@ -151,18 +156,7 @@ fn full_step(cost: &CostModel, slots: u32) -> Duration {
 /// `slots / OUTPUT` requests that replace the ones it finishes.
 fn capacity_rps(cost: &CostModel, slots: u32) -> f64 {
     let replaced = f64::from(slots) / f64::from(OUTPUT);
-    let context = f64::from(slots) * (PROMPT.mean() + f64::from(OUTPUT) / 2.0);
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        reason = "small"
-    )]
-    let step = cost.step_time(
-        (replaced * PROMPT.mean()).round() as usize,
-        slots as usize,
-        context as usize,
-    );
-    replaced / step.as_secs_f64()
+    replaced / full_step(cost, slots, replaced * PROMPT.mean()).as_secs_f64()
 }
 
 /// The runs: a label and its scenario.
@@ -337,7 +331,7 @@ fn header(args: &SeedArgs, cal: &Calibration) -> String {
     let _ = writeln!(out, "Command: `{command}`  ");
     let _ = writeln!(out, "Date: {}  ", utc_now());
     let _ = writeln!(out, "Machine: {}  ", machine());
-    let step = full_step(&cal.cost, SLOTS);
+    let step = full_step(&cal.cost, SLOTS, 0.0);
     let capacity = capacity_rps(&cal.cost, SLOTS);
     let _ = writeln!(
         out,
