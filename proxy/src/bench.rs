@@ -12,6 +12,7 @@
 //! and `sim` worker processes, which are killed when the run ends
 //! (`kill_on_drop`); temporary directories are removed.
 
+mod cpu;
 pub mod fairness;
 pub mod load;
 pub mod proxy;
@@ -429,15 +430,23 @@ pub(crate) type H3Stream = h3::client::RequestStream<h3_quinn::BidiStream<Bytes>
 impl H3Client {
     /// Connects to `front` as `tenant`.
     pub(crate) async fn connect(front: &Front, tenant_name: &str) -> anyhow::Result<Self> {
-        let endpoint = front.quic_endpoint(tenant_name)?;
-        let conn = endpoint.connect(front.quic, "localhost")?.await?;
+        Self::connect_with(front.quic_endpoint(tenant_name)?, front.quic).await
+    }
+
+    /// Connects to the QUIC listener at `server` through `endpoint`; its
+    /// driver runs on the runtime of the caller.
+    pub(crate) async fn connect_with(
+        endpoint: quinn::Endpoint,
+        server: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let conn = endpoint.connect(server, "localhost")?.await?;
         let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn.clone())).await?;
         tokio::spawn(async move { driver.wait_idle().await });
         Ok(Self {
             _endpoint: endpoint,
             conn,
             send,
-            port: front.quic.port(),
+            port: server.port(),
         })
     }
 

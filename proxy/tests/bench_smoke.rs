@@ -36,6 +36,9 @@ fn proxy_bench_prints_its_table() {
     .unwrap();
     for row in [
         "requests/s",
+        "CPU per request: the proxy",
+        "CPU per request: the load generator",
+        "requests/s the proxy's CPU per request allows",
         "added latency p50",
         "handshakes/s, TLS/TCP",
         "handshakes/s, QUIC",

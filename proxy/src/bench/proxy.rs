@@ -10,13 +10,22 @@
 //! - full mutual-TLS handshakes per second (no resumption, a new
 //!   connection each) on the TLS/TCP and the QUIC listener, 2 connectors each.
 //!
-//! Client and proxy share this process and its two runtime threads.
+//! Client and proxy share this process, each on a runtime of two threads of
+//! its own (the machine the goals are for has two cores), so the CPU each
+//! spends in the throughput part is read apart (`/proc`, per thread): the
+//! proxy's (its runtime, its audit writer, its worker process) and the
+//! load generator's.
 
 use super::{
-    Front, FrontOptions, H3Client, TempDir, drain, float, post, runtime, sim_worker_args, us,
-    verdict,
+    Front, FrontOptions, H3Client, TempDir,
+    cpu::{CpuSnapshot, CpuUse},
+    drain, float, post, quic_client, runtime, sim_worker_args, us, verdict,
 };
-use crate::{dispatch::QueuePolicy, tls::TCP_ALPN, worker::WorkerLink};
+use crate::{
+    dispatch::QueuePolicy,
+    tls::{QUIC_ALPN, TCP_ALPN},
+    worker::WorkerLink,
+};
 use anyhow::Context as _;
 use bulkhead_core::wire::{ProxyToWorker, RequestId, Sampling, Submit, WorkerToProxy};
 use bulkhead_kernels::model::{ByteTokenizer, ModelConfig};
@@ -30,7 +39,7 @@ use std::{
     },
     time::Duration,
 };
-use tokio::time::Instant;
+use tokio::{runtime::Handle, time::Instant};
 
 /// Concurrent streams on the one connection.
 const STREAMS: usize = 64;
@@ -54,10 +63,20 @@ pub struct ProxyOptions {
     pub program: Option<PathBuf>,
 }
 
+/// The name of the load generator's runtime threads.
+const CLIENT_THREAD: &str = "bench-client";
+
 /// Runs the bench and returns its report.
 pub fn run(opts: &ProxyOptions) -> anyhow::Result<String> {
     let rt = runtime()?;
-    let result = rt.block_on(measure(opts));
+    let clients = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(CLIENT_THREAD)
+        .enable_all()
+        .build()
+        .context("starting the clients' runtime")?;
+    let result = rt.block_on(measure(opts, clients.handle()));
+    clients.shutdown_timeout(Duration::from_secs(3));
     rt.shutdown_timeout(Duration::from_secs(3));
     result
 }
@@ -80,7 +99,7 @@ struct Latency {
     floor: Vec<Duration>,
 }
 
-async fn measure(opts: &ProxyOptions) -> anyhow::Result<String> {
+async fn measure(opts: &ProxyOptions, clients: &Handle) -> anyhow::Result<String> {
     let total = Duration::from_secs(opts.seconds.max(1));
     let throughput_time = total.mul_f64(0.4);
     let latency_time = total.mul_f64(0.3);
@@ -125,19 +144,47 @@ async fn measure(opts: &ProxyOptions) -> anyhow::Result<String> {
     })
     .await??;
 
-    let client = H3Client::connect(&front, TENANT).await?;
-    let rps = throughput(&client, throughput_time).await?;
-    let latency = added_latency(&client, link, latency_time).await?;
+    // The client's endpoint and connection are driven on the clients' runtime.
+    let tls = front.client_tls(TENANT, &QUIC_ALPN)?;
+    let server = front.quic;
+    let client = clients
+        .spawn(async move { H3Client::connect_with(quic_client(tls, server)?, server).await })
+        .await??;
+    let rps = throughput(&client, clients, throughput_time).await?;
+    // The one-at-a-time client runs as a task of the clients' runtime too.
+    let client = Arc::new(client);
+    let latency = {
+        let client = Arc::clone(&client);
+        clients
+            .spawn(async move { added_latency(&client, link, latency_time).await })
+            .await??
+    };
     let tcp = tcp_handshakes(&front, handshake_time).await?;
     let quic = quic_handshakes(&front, handshake_time).await?;
     client.conn.close(0u32.into(), b"done");
     front.stop().await;
     drop(dir);
-    Ok(report(opts, rps, &latency, tcp, quic))
+    Ok(report(opts, &rps, &latency, tcp, quic))
+}
+
+/// What the throughput part measured.
+struct Throughput {
+    /// Requests per second.
+    rate: f64,
+    /// Requests that failed.
+    failed: usize,
+    /// Requests counted.
+    done: usize,
+    /// CPU spent over the counted window.
+    cpu: CpuUse,
 }
 
 /// Requests per second over one connection with [`STREAMS`] streams.
-async fn throughput(client: &H3Client, time: Duration) -> anyhow::Result<(f64, usize)> {
+async fn throughput(
+    client: &H3Client,
+    clients: &Handle,
+    time: Duration,
+) -> anyhow::Result<Throughput> {
     let warm = (time / 4).min(Duration::from_secs(1));
     let start = Instant::now();
     let (counted_from, end) = (start + warm, start + time);
@@ -151,7 +198,7 @@ async fn throughput(client: &H3Client, time: Duration) -> anyhow::Result<(f64, u
         let payload = payload.clone();
         let request = client.request("/v1/chat/completions");
         let (done, failed) = (Arc::clone(&done), Arc::clone(&failed));
-        tasks.push(tokio::spawn(async move {
+        tasks.push(clients.spawn(async move {
             while Instant::now() < end {
                 let mut r = http::Request::new(());
                 r.method_mut().clone_from(request.method());
@@ -173,11 +220,27 @@ async fn throughput(client: &H3Client, time: Duration) -> anyhow::Result<(f64, u
             }
         }));
     }
+    // The CPU counters are read on a thread of their own at the counted
+    // window's edges, so reading `/proc` stays off the runtime's threads.
+    let cpu = tokio::task::spawn_blocking(move || {
+        let wait_until =
+            |t: Instant| std::thread::sleep(t.saturating_duration_since(Instant::now()));
+        wait_until(counted_from);
+        let first = CpuSnapshot::take(CLIENT_THREAD)?;
+        wait_until(end);
+        anyhow::Ok(CpuSnapshot::take(CLIENT_THREAD)?.since(&first))
+    });
     for task in tasks {
         task.await?;
     }
-    let rate = float(done.load(Ordering::Relaxed)) / time.saturating_sub(warm).as_secs_f64();
-    Ok((rate, failed.load(Ordering::Relaxed)))
+    let cpu = cpu.await??;
+    let done = done.load(Ordering::Relaxed);
+    Ok(Throughput {
+        rate: float(done) / time.saturating_sub(warm).as_secs_f64(),
+        failed: failed.load(Ordering::Relaxed),
+        done,
+        cpu,
+    })
 }
 
 /// The same request through the proxy and directly to a worker, one at a
@@ -337,15 +400,40 @@ async fn quic_handshakes(front: &Front, time: Duration) -> anyhow::Result<f64> {
     Ok(float(total) / start.elapsed().as_secs_f64())
 }
 
+/// Requests per second that `cores` fully busy would serve at the CPU
+/// per request measured (`spent` over `done` requests); zero when nothing was measured.
+fn capacity(spent: Duration, done: usize, cores: usize) -> f64 {
+    if spent.is_zero() || done == 0 {
+        return 0.0;
+    }
+    float(cores) * float(done) / spent.as_secs_f64()
+}
+
+/// One row of the report: a measure, its value, and a goal or second value.
+fn row(out: &mut String, measure: &str, value: &str, goal: &str) {
+    let _ = writeln!(out, "{measure:<58} {value:>14} {goal:>14}");
+}
+
+/// A row of a measure with a goal, and its verdict.
+fn goal_row(out: &mut String, measure: &str, value: &str, goal: &str, met: bool) {
+    let _ = writeln!(
+        out,
+        "{measure:<58} {value:>14} {goal:>14}  {}",
+        verdict(met)
+    );
+}
+
 fn report(
     opts: &ProxyOptions,
-    (rps, failed): (f64, usize),
+    throughput: &Throughput,
     latency: &Latency,
     tcp: f64,
     quic: f64,
 ) -> String {
+    let rps = throughput.rate;
     let p = super::percentile;
     let added = |q: f64| p(&latency.proxy, q).saturating_sub(p(&latency.direct, q));
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -354,78 +442,92 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "  clients (quinn + h3, tokio-rustls) share this process and its 2 runtime threads with the proxy; cores here: {}\n",
-        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
+        "  clients (quinn + h3, tokio-rustls) share this process and the machine's cores with the proxy, each on 2 runtime threads of its own; cores here: {cores}\n",
     );
     let _ = writeln!(
         out,
         "{:<58} {:>14} {:>14}  verdict",
         "measure", "value", "goal"
     );
-    let _ = writeln!(
-        out,
-        "{:<58} {:>14} {:>14}  {}",
-        format!("requests/s, 1 HTTP/3 connection, {STREAMS} streams, max_tokens 1"),
-        format!("{rps:.0}"),
-        format!(">= {GOAL_RPS:.0}"),
-        verdict(rps >= GOAL_RPS)
+    goal_row(
+        &mut out,
+        &format!("requests/s, 1 HTTP/3 connection, {STREAMS} streams, max_tokens 1"),
+        &format!("{rps:.0}"),
+        &format!(">= {GOAL_RPS:.0}"),
+        rps >= GOAL_RPS,
     );
-    let _ = writeln!(
-        out,
-        "{:<58} {:>14} {:>14}  {}",
+    let per_request = |d: Duration| {
+        let n = u32::try_from(throughput.done.max(1)).unwrap_or(u32::MAX);
+        us(d / n)
+    };
+    let cpu = throughput.cpu;
+    let proxy = cpu.proxy + cpu.children;
+    row(
+        &mut out,
+        "  CPU per request: the proxy (runtime, audit, worker)",
+        &per_request(proxy),
+        "-",
+    );
+    row(
+        &mut out,
+        "    of which its worker process",
+        &per_request(cpu.children),
+        "-",
+    );
+    row(
+        &mut out,
+        "  CPU per request: the load generator / the whole machine",
+        &per_request(cpu.client),
+        &per_request(cpu.machine),
+    );
+    row(
+        &mut out,
+        &format!("  requests/s the proxy's CPU per request allows on {cores} cores"),
+        &format!("{:.0}", capacity(proxy, throughput.done, cores)),
+        "-",
+    );
+    goal_row(
+        &mut out,
         "added latency p50 (proxy p50 - direct p50)",
-        us(added(50.0)),
-        format!("<= {}", us(GOAL_ADDED)),
-        verdict(added(50.0) <= GOAL_ADDED)
+        &us(added(50.0)),
+        &format!("<= {}", us(GOAL_ADDED)),
+        added(50.0) <= GOAL_ADDED,
     );
-    let _ = writeln!(
-        out,
-        "{:<58} {:>14} {:>14}",
+    row(
+        &mut out,
         "added latency p99 (proxy p99 - direct p99)",
-        us(added(99.0)),
-        "-"
+        &us(added(99.0)),
+        "-",
     );
-    let _ = writeln!(
-        out,
-        "{:<58} {:>14} {:>14}",
-        format!(
-            "  through the proxy p50 / p99 ({} requests)",
-            latency.proxy.len()
-        ),
-        us(p(&latency.proxy, 50.0)),
-        us(p(&latency.proxy, 99.0))
-    );
-    let _ = writeln!(
-        out,
-        "{:<58} {:>14} {:>14}",
-        format!(
-            "  direct to a worker p50 / p99 ({} requests)",
-            latency.direct.len()
-        ),
-        us(p(&latency.direct, 50.0)),
-        us(p(&latency.direct, 99.0))
-    );
-    let _ = writeln!(
-        out,
-        "{:<58} {:>14} {:>14}",
+    for (what, sorted) in [
+        ("through the proxy", &latency.proxy),
+        ("direct to a worker", &latency.direct),
+    ] {
+        row(
+            &mut out,
+            &format!("  {what} p50 / p99 ({} requests)", sorted.len()),
+            &us(p(sorted, 50.0)),
+            &us(p(sorted, 99.0)),
+        );
+    }
+    row(
+        &mut out,
         "  of which HTTP/3 alone: GET /healthz p50 / p99",
-        us(p(&latency.floor, 50.0)),
-        us(p(&latency.floor, 99.0))
+        &us(p(&latency.floor, 50.0)),
+        &us(p(&latency.floor, 99.0)),
     );
+    for (listener, rate) in [("TLS/TCP", tcp), ("QUIC", quic)] {
+        row(
+            &mut out,
+            &format!("full mTLS handshakes/s, {listener}, {CONNECTORS} connectors"),
+            &format!("{rate:.0}"),
+            "-",
+        );
+    }
     let _ = writeln!(
         out,
-        "{:<58} {:>14} {:>14}",
-        format!("full mTLS handshakes/s, TLS/TCP, {CONNECTORS} connectors"),
-        format!("{tcp:.0}"),
-        "-"
+        "failed requests in the throughput part: {}",
+        throughput.failed
     );
-    let _ = writeln!(
-        out,
-        "{:<58} {:>14} {:>14}",
-        format!("full mTLS handshakes/s, QUIC, {CONNECTORS} connectors"),
-        format!("{quic:.0}"),
-        "-"
-    );
-    let _ = writeln!(out, "failed requests in the throughput part: {failed}");
     out
 }

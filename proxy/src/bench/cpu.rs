@@ -1,0 +1,197 @@
+//! CPU time spent over a bench window, read from `/proc`: the whole
+//! machine's busy time (user, system, interrupts; not idle, not steal), this
+//! process's own, the part of it on the load generator's threads (named),
+//! and its child processes' (the workers).
+//!
+//! Throughput on a shared virtual machine moves with its neighbours; CPU
+//! time per request moves far less, so A/B comparisons of the proxy's cost
+//! read it beside the rate.
+
+use anyhow::Context as _;
+use std::time::Duration;
+
+/// Cumulative CPU counters at one instant, in clock ticks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CpuSnapshot {
+    machine_busy: u64,
+    own: u64,
+    client: u64,
+    children: u64,
+}
+
+/// CPU time between two snapshots.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct CpuUse {
+    /// Every CPU of the machine, busy.
+    pub machine: Duration,
+    /// This process but its client threads (in the benches: the proxy).
+    pub proxy: Duration,
+    /// This process's threads of the load generator.
+    pub client: Duration,
+    /// This process's children (the worker processes).
+    pub children: Duration,
+}
+
+impl CpuSnapshot {
+    /// Reads the counters now; threads named `client_thread` are the load
+    /// generator's.
+    pub(crate) fn take(client_thread: &str) -> anyhow::Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        let machine_busy = machine_busy(&stat).context("parsing /proc/stat")?;
+        let me = std::process::id();
+        let own = std::fs::read_to_string(format!("/proc/{me}/stat"))
+            .ok()
+            .and_then(|s| process_ticks(&s))
+            .map(|(_, ticks)| ticks)
+            .context("reading this process's /proc stat")?;
+        let mut client = 0;
+        for entry in std::fs::read_dir(format!("/proc/{me}/task"))
+            .context("listing this process's threads")?
+            .flatten()
+        {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            if command(&stat) == Some(client_thread)
+                && let Some((_, ticks)) = process_ticks(&stat)
+            {
+                client += ticks;
+            }
+        }
+        let mut children = 0;
+        for entry in std::fs::read_dir("/proc")
+            .context("listing /proc")?
+            .flatten()
+        {
+            let name = entry.file_name();
+            if !name
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            {
+                continue;
+            }
+            // A process may exit between the listing and the read: skip it.
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            if let Some((parent, ticks)) = process_ticks(&stat)
+                && parent == me
+            {
+                children += ticks;
+            }
+        }
+        Ok(Self {
+            machine_busy,
+            own,
+            client,
+            children,
+        })
+    }
+
+    /// What was spent from `earlier` to `self`.
+    pub(crate) fn since(&self, earlier: &Self) -> CpuUse {
+        let hz = rustix::param::clock_ticks_per_second().max(1);
+        let time = |now: u64, then: u64| {
+            Duration::from_micros(now.saturating_sub(then).saturating_mul(1_000_000) / hz)
+        };
+        let (own, client) = (
+            time(self.own, earlier.own),
+            time(self.client, earlier.client),
+        );
+        CpuUse {
+            machine: time(self.machine_busy, earlier.machine_busy),
+            proxy: own.saturating_sub(client),
+            client,
+            children: time(self.children, earlier.children),
+        }
+    }
+}
+
+/// The busy ticks of `/proc/stat`'s `cpu` line: user, nice, system, irq
+/// and softirq (not idle, iowait or steal; guest time is inside user).
+fn machine_busy(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq steal ...
+    let at = |i: usize| fields.get(i).copied();
+    Some(at(0)? + at(1)? + at(2)? + at(5)? + at(6)?)
+}
+
+/// The command (thread) name of a `/proc/PID/stat` line.
+fn command(stat: &str) -> Option<&str> {
+    stat.get(stat.find('(')? + 1..stat.rfind(')')?)
+}
+
+/// (parent pid, utime + stime) of a `/proc/PID/stat` line. The command
+/// name may hold spaces and parentheses: fields are counted after its
+/// last `)`.
+fn process_ticks(stat: &str) -> Option<(u32, u64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt cmajflt utime stime
+    let parent = fields.get(1)?.parse().ok()?;
+    let user: u64 = fields.get(11)?.parse().ok()?;
+    let system: u64 = fields.get(12)?.parse().ok()?;
+    Some((parent, user + system))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_busy_counts_user_nice_system_and_interrupts_not_idle_or_steal() {
+        let stat = "cpu  100 2 30 5000 7 4 5 900 0 0\ncpu0 50 1 15 2500 3 2 2 450 0 0\n";
+        assert_eq!(machine_busy(stat), Some(100 + 2 + 30 + 4 + 5));
+        assert_eq!(machine_busy("cpu0 1 2 3\n"), None);
+        assert_eq!(machine_busy("cpu  1 2 x 4 5 6 7\n"), None);
+    }
+
+    #[test]
+    fn process_ticks_skip_a_command_name_with_spaces_and_parentheses() {
+        let stat = "4274 (tokio (rt) worker) S 4270 4270 1 0 -1 4194560 100 0 0 0 250 75 0 0 20 0";
+        assert_eq!(process_ticks(stat), Some((4270, 325)));
+        assert_eq!(command(stat), Some("tokio (rt) worker"));
+        assert_eq!(process_ticks("4274 (x) S 1"), None);
+    }
+
+    #[test]
+    fn our_own_process_is_readable_and_time_only_moves_forward() {
+        let a = CpuSnapshot::take("no-such-thread").expect("reading /proc");
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+        let b = CpuSnapshot::take("no-such-thread").expect("reading /proc");
+        assert!(b.own >= a.own && b.machine_busy >= a.machine_busy);
+        assert_eq!((a.client, b.client), (0, 0));
+    }
+
+    #[test]
+    fn time_is_converted_from_ticks_and_a_counter_going_back_counts_nothing() {
+        let hz = rustix::param::clock_ticks_per_second();
+        let then = CpuSnapshot {
+            machine_busy: 1_000,
+            own: 500,
+            client: 100,
+            children: 40,
+        };
+        let now = CpuSnapshot {
+            machine_busy: 1_000 + 4 * hz,
+            own: 500 + 3 * hz,
+            client: 100 + hz,
+            // A child exited: its ticks left the sum.
+            children: 10,
+        };
+        let spent = now.since(&then);
+        assert_eq!(spent.machine, Duration::from_secs(4));
+        assert_eq!(spent.proxy, Duration::from_secs(2));
+        assert_eq!(spent.client, Duration::from_secs(1));
+        assert_eq!(spent.children, Duration::ZERO);
+    }
+}
