@@ -77,10 +77,14 @@ async fn session(shared: &Arc<Shared>, index: usize, spec: &WorkerSpec) -> Resul
         info.max_slots,
         info.total_blocks
     );
-    let (tx, mut rx) = mpsc::unbounded_channel::<ProxyToWorker>();
+    let (tx, rx) = mpsc::unbounded_channel::<ProxyToWorker>();
     shared.lock().worker_up(index, tx, info);
     // Frames buffered with the Hello.
     drain(shared, index, &mut decoder)?;
+    // Writes go on in a task of their own: the worker's answers are read
+    // whatever is being written to it, so a worker blocked writing them
+    // (it reads and writes on one thread) is never left waiting on us.
+    let mut writing = AbortOnDrop(tokio::spawn(write_frames(writer, rx, out)));
 
     loop {
         tokio::select! {
@@ -92,21 +96,44 @@ async fn session(shared: &Arc<Shared>, index: usize, spec: &WorkerSpec) -> Resul
                 }
                 Err(e) => return Err(format!("reading: {e}")),
             },
-            message = rx.recv() => {
-                let Some(message) = message else { return Ok("dispatcher gone".to_owned()) };
-                out.clear();
-                encode_frame(&message, &mut out).map_err(|e| e.to_string())?;
-                // Batch whatever else is waiting into the same write.
-                while let Ok(more) = rx.try_recv() {
-                    encode_frame(&more, &mut out).map_err(|e| e.to_string())?;
-                }
-                writer.write_all(&out).await.map_err(|e| format!("writing: {e}"))?;
+            written = &mut writing.0 => {
+                return written.unwrap_or_else(|e| Err(format!("the writing task failed: {e}")));
             }
             status = wait_child(child.as_mut()) => {
                 return Ok(format!("its process exited ({status})"));
             }
         }
     }
+}
+
+/// A task aborted when its handle is dropped (the session it served ended).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Writes the dispatcher's messages to the worker, batching whatever is
+/// waiting into one write; returns why it stopped.
+async fn write_frames(
+    mut writer: tokio::net::unix::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<ProxyToWorker>,
+    mut out: Vec<u8>,
+) -> Result<String, String> {
+    while let Some(message) = rx.recv().await {
+        out.clear();
+        encode_frame(&message, &mut out).map_err(|e| e.to_string())?;
+        while let Ok(more) = rx.try_recv() {
+            encode_frame(&more, &mut out).map_err(|e| e.to_string())?;
+        }
+        writer
+            .write_all(&out)
+            .await
+            .map_err(|e| format!("writing: {e}"))?;
+    }
+    Ok("dispatcher gone".to_owned())
 }
 
 fn drain(

@@ -16,6 +16,7 @@ use bulkhead_kernels::{
     model::{ModelConfig, Weights},
     sim::{CostModel, SimBackend},
 };
+use rustix::net::RecvFlags;
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     os::unix::{
@@ -23,7 +24,6 @@ use std::{
         net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
-    sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError},
     time::{Duration, Instant},
 };
 
@@ -162,7 +162,7 @@ enum Ended {
     Closed(String),
 }
 
-/// What the reader thread saw.
+/// What the connection read.
 enum Event {
     Message(ProxyToWorker),
     /// A frame whose payload is bad; the stream goes on.
@@ -173,14 +173,29 @@ enum Event {
     End(String),
 }
 
+/// The proxy's connection, read and written on the engine's thread: while
+/// the engine has work, only what has already arrived is taken between
+/// steps (a non-blocking read); with nothing to run, a read waits up to
+/// [`IDLE_WAIT`]. (A reader thread beside the engine cost a thread wake-up
+/// and a context switch on both sides of every batch.) The proxy reads
+/// and writes its end independently, so a worker blocked writing answers
+/// is always drained, never deadlocked against its own unread input.
 struct Connection {
     stream: UnixStream,
-    events: Receiver<Event>,
+    decoder: FrameDecoder<ProxyToWorker>,
+    buf: Vec<u8>,
+    /// Why the stream ended, once it has (frames decoded before it still count).
+    ended: Option<String>,
     worker_id: u32,
     /// `Some` when a `sim` worker keeps real time.
     pacer: Option<Pacer>,
     out: Vec<u8>,
 }
+
+/// The longest a read waits while the engine has nothing to run.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+/// How long a new connection has to send its Hello.
+const HELLO_WAIT: Duration = Duration::from_secs(10);
 
 /// How far behind its modelled clock a `sim` worker may fall and still catch up.
 const PACING_SLACK: Duration = Duration::from_millis(2);
@@ -226,15 +241,14 @@ impl Pacer {
 
 impl Connection {
     fn new(stream: UnixStream, opts: &WorkerOptions) -> anyhow::Result<Self> {
-        let reader = stream.try_clone().context("cloning the connection")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("worker-reader".to_owned())
-            .spawn(move || read_frames(reader, &tx))
-            .context("starting the reader thread")?;
+        stream
+            .set_read_timeout(Some(IDLE_WAIT))
+            .context("setting the connection's read timeout")?;
         Ok(Self {
             stream,
-            events: rx,
+            decoder: FrameDecoder::new(),
+            buf: vec![0u8; 64 * 1024],
+            ended: None,
             worker_id: opts.worker_id,
             pacer: opts.sim_realtime.then(Pacer::default),
             out: Vec::new(),
@@ -255,19 +269,58 @@ impl Connection {
         ended
     }
 
+    /// The next thing read: a frame (good or bad), or the stream's end.
+    /// With `wait`, blocks up to [`IDLE_WAIT`] for bytes; without, takes
+    /// only what has arrived. `None`: nothing yet.
+    fn next_event(&mut self, wait: bool) -> Option<Event> {
+        loop {
+            match self.decoder.next_message() {
+                Ok(Some(m)) => return Some(Event::Message(m)),
+                Ok(None) => {}
+                Err(e) if self.decoder.is_poisoned() => return Some(Event::Broken(e)),
+                Err(e) => return Some(Event::BadFrame(e)),
+            }
+            if let Some(why) = &self.ended {
+                return Some(Event::End(why.clone()));
+            }
+            let read = if wait {
+                (&self.stream).read(&mut self.buf)
+            } else {
+                rustix::net::recv(&self.stream, &mut self.buf[..], RecvFlags::DONTWAIT)
+                    .map(|(n, _)| n)
+                    .map_err(std::io::Error::from)
+            };
+            match read {
+                Ok(0) => self.ended = Some("the proxy closed the connection".to_owned()),
+                Ok(n) => self.decoder.push(&self.buf[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return None;
+                }
+                Err(e) => self.ended = Some(format!("reading from the proxy: {e}")),
+            }
+        }
+    }
+
     fn handshake<B: Backend>(&mut self, engine: &mut Engine<B>) -> Result<(), String> {
-        let first = match self.events.recv_timeout(Duration::from_secs(10)) {
-            Ok(Event::Message(m)) => m,
-            Ok(Event::BadFrame(e)) => {
-                self.reject(None, RejectKind::MalformedFrame, e.to_string());
-                return Err(format!("malformed first frame: {e}"));
+        let deadline = Instant::now() + HELLO_WAIT;
+        let first = loop {
+            match self.next_event(true) {
+                Some(Event::Message(m)) => break m,
+                Some(Event::BadFrame(e)) => {
+                    self.reject(None, RejectKind::MalformedFrame, e.to_string());
+                    return Err(format!("malformed first frame: {e}"));
+                }
+                Some(Event::Broken(e)) => {
+                    self.reject(None, RejectKind::MalformedFrame, e.to_string());
+                    return Err(format!("broken stream: {e}"));
+                }
+                Some(Event::End(why)) => return Err(why),
+                None if Instant::now() >= deadline => {
+                    return Err(format!("no Hello within {HELLO_WAIT:?}"));
+                }
+                None => {}
             }
-            Ok(Event::Broken(e)) => {
-                self.reject(None, RejectKind::MalformedFrame, e.to_string());
-                return Err(format!("broken stream: {e}"));
-            }
-            Ok(Event::End(why)) => return Err(why),
-            Err(_) => return Err("no Hello within 10 s".to_owned()),
         };
         let ProxyToWorker::Hello(hello) = first else {
             self.reject(
@@ -298,26 +351,13 @@ impl Connection {
         loop {
             // Take everything that arrived; block only when there is nothing to run.
             loop {
-                let event = if engine.has_work() {
-                    match self.events.try_recv() {
-                        Ok(e) => e,
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Disconnected) => {
-                            return Ok(Ended::Closed("reader stopped".to_owned()));
-                        }
-                    }
-                } else {
-                    // Idle: wake now and then to report capacity changes (none today).
-                    if let Some(pacer) = self.pacer.as_mut() {
-                        pacer.idle();
-                    }
-                    match self.events.recv_timeout(Duration::from_secs(1)) {
-                        Ok(e) => e,
-                        Err(RecvTimeoutError::Timeout) => break,
-                        Err(RecvTimeoutError::Disconnected) => {
-                            return Ok(Ended::Closed("reader stopped".to_owned()));
-                        }
-                    }
+                let idle = !engine.has_work();
+                if idle && let Some(pacer) = self.pacer.as_mut() {
+                    pacer.idle();
+                }
+                // Idle: wake now and then to report capacity changes (none today).
+                let Some(event) = self.next_event(idle) else {
+                    break;
                 };
                 match event {
                     Event::Message(m) => engine.handle(m),
@@ -378,46 +418,6 @@ impl Connection {
             encode_frame(m, &mut self.out).map_err(std::io::Error::other)?;
         }
         self.stream.write_all(&self.out)
-    }
-}
-
-/// Reads frames until the stream ends or breaks, forwarding each to the engine loop.
-fn read_frames(mut stream: UnixStream, tx: &mpsc::Sender<Event>) {
-    let mut decoder = FrameDecoder::<ProxyToWorker>::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match stream.read(&mut buf) {
-            Ok(0) => {
-                let _ = tx.send(Event::End("the proxy closed the connection".to_owned()));
-                return;
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => {
-                let _ = tx.send(Event::End(format!("reading from the proxy: {e}")));
-                return;
-            }
-        };
-        decoder.push(&buf[..n]);
-        loop {
-            match decoder.next_message() {
-                Ok(Some(m)) => {
-                    if tx.send(Event::Message(m)).is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) if decoder.is_poisoned() => {
-                    let _ = tx.send(Event::Broken(e));
-                    return;
-                }
-                Err(e) => {
-                    if tx.send(Event::BadFrame(e)).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
     }
 }
 
