@@ -62,6 +62,12 @@ enum Command {
         /// The kernel programs' instance name (pins under /sys/fs/bpf/bulkhead/<name>).
         #[arg(long, default_value = bulkhead::ebpf::DEFAULT_INSTANCE)]
         ebpf_instance: String,
+        /// Threads of the proxy's async runtime (default: one per core).
+        /// Fewer serve each connection's requests with less cross-thread
+        /// hand-off; more take more TLS handshakes a second. See
+        /// docs/benchmarks.md, "bench proxy".
+        #[arg(long)]
+        runtime_threads: Option<std::num::NonZeroUsize>,
     },
     /// Reload the tenants and TLS files of a running `serve` through its
     /// admin endpoint (as SIGHUP does), and print what changed or why not.
@@ -125,6 +131,10 @@ enum BenchCommand {
         /// Seconds of measurement in all.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Threads of the proxy's runtime (as `serve --runtime-threads`;
+        /// default: one per core, as `serve`).
+        #[arg(long)]
+        proxy_threads: Option<std::num::NonZeroUsize>,
     },
     /// An open-loop load generator over HTTP/3 with mTLS: per-tenant rates,
     /// bursts and lengths; percentiles, throughput, fairness, JSON, chart.
@@ -260,11 +270,15 @@ fn main() -> ExitCode {
             config,
             runtime_dir,
             ebpf_instance,
-        } => run_serve(ServeOptions {
-            config,
-            runtime_dir,
-            ebpf_instance,
-        }),
+            runtime_threads,
+        } => run_serve(
+            ServeOptions {
+                config,
+                runtime_dir,
+                ebpf_instance,
+            },
+            runtime_threads,
+        ),
         Command::Reload { config, admin } => run_reload(config.as_deref(), admin.as_deref()),
         Command::Tenants {
             config,
@@ -343,8 +357,15 @@ fn run_certs(args: &CertsArgs) -> anyhow::Result<String> {
 }
 
 /// Runs the front door until SIGTERM or SIGINT.
-fn run_serve(opts: ServeOptions) -> anyhow::Result<String> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+fn run_serve(
+    opts: ServeOptions,
+    threads: Option<std::num::NonZeroUsize>,
+) -> anyhow::Result<String> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n.get());
+    }
+    let runtime = builder
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -413,9 +434,13 @@ fn run_bench(command: &BenchCommand) -> anyhow::Result<String> {
                 program: None,
             })
         }
-        BenchCommand::Proxy { seconds } => bench::proxy::run(&bench::proxy::ProxyOptions {
+        BenchCommand::Proxy {
+            seconds,
+            proxy_threads,
+        } => bench::proxy::run(&bench::proxy::ProxyOptions {
             seconds,
             program: None,
+            proxy_threads,
         }),
         BenchCommand::Load(ref args) => bench::load::run(args),
         BenchCommand::Seed(ref args) => bench::seed::run(args),

@@ -32,8 +32,10 @@ fn proxy_bench_prints_its_table() {
     let table = proxy::run(&proxy::ProxyOptions {
         seconds: 1,
         program: Some(program()),
+        proxy_threads: std::num::NonZeroUsize::new(1),
     })
     .unwrap();
+    assert!(table.contains("the proxy's 1,"), "{table}");
     for row in [
         "requests/s",
         "CPU per request: the proxy",

@@ -10,16 +10,16 @@
 //! - full mutual-TLS handshakes per second (no resumption, a new
 //!   connection each) on the TLS/TCP and the QUIC listener, 2 connectors each.
 //!
-//! Client and proxy share this process, each on a runtime of two threads of
-//! its own (the machine the goals are for has two cores), so the CPU each
-//! spends in the throughput part is read apart (`/proc`, per thread): the
-//! proxy's (its runtime, its audit writer, its worker process) and the
-//! load generator's.
+//! Client and proxy share this process, each on a runtime of its own (the
+//! proxy's has one thread per core unless told otherwise, as `serve`; the
+//! clients' two), so the CPU each spends in the throughput part is read
+//! apart (`/proc`, per thread): the proxy's (its runtime, its audit writer,
+//! its worker process) and the load generator's.
 
 use super::{
     Front, FrontOptions, H3Client, TempDir,
     cpu::{CpuSnapshot, CpuUse},
-    drain, float, post, quic_client, runtime, sim_worker_args, us, verdict,
+    drain, float, post, quic_client, sim_worker_args, us, verdict,
 };
 use crate::{
     dispatch::QueuePolicy,
@@ -61,6 +61,13 @@ pub struct ProxyOptions {
     pub seconds: u64,
     /// The `bulkhead` binary for workers; `None` for this process's own.
     pub program: Option<PathBuf>,
+    /// Threads of the proxy's runtime; `None`: one per core, as `serve`.
+    pub proxy_threads: Option<std::num::NonZeroUsize>,
+}
+
+/// This machine's cores.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
 /// The name of the load generator's runtime threads.
@@ -68,14 +75,21 @@ const CLIENT_THREAD: &str = "bench-client";
 
 /// Runs the bench and returns its report.
 pub fn run(opts: &ProxyOptions) -> anyhow::Result<String> {
-    let rt = runtime()?;
+    let threads = opts
+        .proxy_threads
+        .map_or_else(cores, std::num::NonZero::get);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .context("starting the proxy's runtime")?;
     let clients = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name(CLIENT_THREAD)
         .enable_all()
         .build()
         .context("starting the clients' runtime")?;
-    let result = rt.block_on(measure(opts, clients.handle()));
+    let result = rt.block_on(measure(opts, clients.handle(), threads));
     clients.shutdown_timeout(Duration::from_secs(3));
     rt.shutdown_timeout(Duration::from_secs(3));
     result
@@ -99,7 +113,7 @@ struct Latency {
     floor: Vec<Duration>,
 }
 
-async fn measure(opts: &ProxyOptions, clients: &Handle) -> anyhow::Result<String> {
+async fn measure(opts: &ProxyOptions, clients: &Handle, threads: usize) -> anyhow::Result<String> {
     let total = Duration::from_secs(opts.seconds.max(1));
     let throughput_time = total.mul_f64(0.4);
     let latency_time = total.mul_f64(0.3);
@@ -164,7 +178,7 @@ async fn measure(opts: &ProxyOptions, clients: &Handle) -> anyhow::Result<String
     client.conn.close(0u32.into(), b"done");
     front.stop().await;
     drop(dir);
-    Ok(report(opts, &rps, &latency, tcp, quic))
+    Ok(report(opts, threads, &rps, &latency, tcp, quic))
 }
 
 /// What the throughput part measured.
@@ -425,6 +439,7 @@ fn goal_row(out: &mut String, measure: &str, value: &str, goal: &str, met: bool)
 
 fn report(
     opts: &ProxyOptions,
+    threads: usize,
     throughput: &Throughput,
     latency: &Latency,
     tcp: f64,
@@ -433,7 +448,7 @@ fn report(
     let rps = throughput.rate;
     let p = super::percentile;
     let added = |q: f64| p(&latency.proxy, q).saturating_sub(p(&latency.direct, q));
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let cores = cores();
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -442,7 +457,7 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "  clients (quinn + h3, tokio-rustls) share this process and the machine's cores with the proxy, each on 2 runtime threads of its own; cores here: {cores}\n",
+        "  clients (quinn + h3, tokio-rustls) share this process and the machine's cores with the proxy; runtime threads: the proxy's {threads}, the clients' 2; cores here: {cores}\n",
     );
     let _ = writeln!(
         out,
