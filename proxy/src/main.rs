@@ -62,9 +62,8 @@ enum Command {
         /// The kernel programs' instance name (pins under /sys/fs/bpf/bulkhead/<name>).
         #[arg(long, default_value = bulkhead::ebpf::DEFAULT_INSTANCE)]
         ebpf_instance: String,
-        /// Threads of the proxy's async runtime (default: one per core).
-        /// Fewer serve each connection's requests with less cross-thread
-        /// hand-off; more take more TLS handshakes a second. See
+        /// Threads of the proxy's async runtime (default: every core but
+        /// one, at least one; the one left is the workers'). See
         /// docs/benchmarks.md, "bench proxy".
         #[arg(long)]
         runtime_threads: Option<std::num::NonZeroUsize>,
@@ -132,7 +131,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
         /// Threads of the proxy's runtime (as `serve --runtime-threads`;
-        /// default: one per core, as `serve`).
+        /// default: as `serve`'s).
         #[arg(long)]
         proxy_threads: Option<std::num::NonZeroUsize>,
     },
@@ -361,11 +360,9 @@ fn run_serve(
     opts: ServeOptions,
     threads: Option<std::num::NonZeroUsize>,
 ) -> anyhow::Result<String> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        builder.worker_threads(n.get());
-    }
-    let runtime = builder
+    let threads = threads.map_or_else(serve::runtime_threads_here, std::num::NonZero::get);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

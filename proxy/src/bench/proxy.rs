@@ -11,10 +11,11 @@
 //!   connection each) on the TLS/TCP and the QUIC listener, 2 connectors each.
 //!
 //! Client and proxy share this process, each on a runtime of its own (the
-//! proxy's has one thread per core unless told otherwise, as `serve`; the
-//! clients' two), so the CPU each spends in the throughput part is read
-//! apart (`/proc`, per thread): the proxy's (its runtime, its audit writer,
-//! its worker process) and the load generator's.
+//! proxy's has `serve`'s default threads unless told otherwise; the
+//! clients' two: every client of every part runs there), so the CPU each
+//! spends in the throughput part is read apart (`/proc`, per thread): the
+//! proxy's (its runtime, its audit writer, its worker process) and the load
+//! generator's.
 
 use super::{
     Front, FrontOptions, H3Client, TempDir,
@@ -61,7 +62,7 @@ pub struct ProxyOptions {
     pub seconds: u64,
     /// The `bulkhead` binary for workers; `None` for this process's own.
     pub program: Option<PathBuf>,
-    /// Threads of the proxy's runtime; `None`: one per core, as `serve`.
+    /// Threads of the proxy's runtime; `None`: as `serve`'s default.
     pub proxy_threads: Option<std::num::NonZeroUsize>,
 }
 
@@ -77,7 +78,7 @@ const CLIENT_THREAD: &str = "bench-client";
 pub fn run(opts: &ProxyOptions) -> anyhow::Result<String> {
     let threads = opts
         .proxy_threads
-        .map_or_else(cores, std::num::NonZero::get);
+        .map_or_else(crate::serve::runtime_threads_here, std::num::NonZero::get);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
@@ -173,8 +174,8 @@ async fn measure(opts: &ProxyOptions, clients: &Handle, threads: usize) -> anyho
             .spawn(async move { added_latency(&client, link, latency_time).await })
             .await??
     };
-    let tcp = tcp_handshakes(&front, handshake_time).await?;
-    let quic = quic_handshakes(&front, handshake_time).await?;
+    let tcp = tcp_handshakes(&front, clients, handshake_time).await?;
+    let quic = quic_handshakes(&front, clients, handshake_time).await?;
     client.conn.close(0u32.into(), b"done");
     front.stop().await;
     drop(dir);
@@ -358,8 +359,9 @@ async fn added_latency(
     Ok(out)
 }
 
-/// Full mTLS handshakes per second on the TLS/TCP listener.
-async fn tcp_handshakes(front: &Front, time: Duration) -> anyhow::Result<f64> {
+/// Full mTLS handshakes per second on the TLS/TCP listener; the connectors
+/// run on the clients' runtime.
+async fn tcp_handshakes(front: &Front, clients: &Handle, time: Duration) -> anyhow::Result<f64> {
     let connector =
         tokio_rustls::TlsConnector::from(Arc::new(front.client_tls(TENANT, &TCP_ALPN)?));
     let name = rustls::pki_types::ServerName::try_from("localhost")?;
@@ -369,7 +371,7 @@ async fn tcp_handshakes(front: &Front, time: Duration) -> anyhow::Result<f64> {
     let mut tasks = Vec::new();
     for _ in 0..CONNECTORS {
         let (connector, name) = (connector.clone(), name.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.push(clients.spawn(async move {
             let mut n = 0usize;
             while Instant::now() < end {
                 let tcp = tokio::net::TcpStream::connect(addr).await?;
@@ -388,15 +390,17 @@ async fn tcp_handshakes(front: &Front, time: Duration) -> anyhow::Result<f64> {
     Ok(float(total) / start.elapsed().as_secs_f64())
 }
 
-/// Full mTLS handshakes per second on the QUIC listener.
-async fn quic_handshakes(front: &Front, time: Duration) -> anyhow::Result<f64> {
+/// Full mTLS handshakes per second on the QUIC listener; the connectors
+/// (and their endpoints' drivers) run on the clients' runtime.
+async fn quic_handshakes(front: &Front, clients: &Handle, time: Duration) -> anyhow::Result<f64> {
     let addr = front.quic;
     let start = Instant::now();
     let end = start + time;
     let mut tasks = Vec::new();
     for _ in 0..CONNECTORS {
-        let endpoint = front.quic_endpoint(TENANT)?;
-        tasks.push(tokio::spawn(async move {
+        let tls = front.client_tls(TENANT, &QUIC_ALPN)?;
+        tasks.push(clients.spawn(async move {
+            let endpoint = quic_client(tls, addr)?;
             let mut n = 0usize;
             while Instant::now() < end {
                 let conn = endpoint.connect(addr, "localhost")?.await?;
