@@ -307,6 +307,23 @@ struct Figures {
     b_tokens_uncapped: f64,
 }
 
+impl Figures {
+    /// A's p99 alone and next to B, with and without the cap, and B's service.
+    fn summary(&self) -> String {
+        format!(
+            "A's p99 alone {:.1} ms, next to B {:.1} ms ({:.3}x), B {:.0} tokens/s; \
+             without the cap {:.1} ms ({:.3}x), B {:.0} tokens/s",
+            self.solo * 1e3,
+            self.with_b * 1e3,
+            self.with_b / self.solo,
+            self.b_tokens,
+            self.with_b_uncapped * 1e3,
+            self.with_b_uncapped / self.solo,
+            self.b_tokens_uncapped,
+        )
+    }
+}
+
 fn figures(cost: &CostModel) -> Figures {
     let a = Load {
         rate: 10.0,
@@ -367,18 +384,10 @@ fn the_cap_keeps_a_within_the_goal_at_a_bounded_cost_to_b(f: &Figures) {
 fn a_quiet_tenant_keeps_its_solo_ttft_next_to_a_bursting_one() {
     let f = figures(&calibration());
     println!(
-        "A's TTFT alone: p50 {:.1} ms, p99 {:.1} ms; next to B: p50 {:.1} ms, p99 {:.1} ms ({:.3}x), \
-         B {:.0} tokens/s; without the cap on B's prompts: A's p99 {:.1} ms ({:.3}x), \
-         B {:.0} tokens/s",
+        "{}; A's p50 alone {:.1} ms, next to B {:.1} ms",
+        f.summary(),
         f.solo_p50 * 1e3,
-        f.solo * 1e3,
         f.p50 * 1e3,
-        f.with_b * 1e3,
-        f.with_b / f.solo,
-        f.b_tokens,
-        f.with_b_uncapped * 1e3,
-        f.with_b_uncapped / f.solo,
-        f.b_tokens_uncapped,
     );
     // The issue's goal, in modelled time: A's p99 within 1.2x of A alone.
     // Measured: 97.9 ms against 83.0 ms (1.18x); without the cap 104.7 ms
@@ -412,17 +421,7 @@ fn under_the_roofline_model_the_cap_still_keeps_a_near_its_solo_ttft() {
         mixed_batch: MixedBatch::Roofline,
         ..calibration()
     });
-    println!(
-        "roofline: A's p99 alone {:.1} ms, next to B {:.1} ms ({:.3}x), B {:.0} tokens/s; \
-         without the cap {:.1} ms ({:.3}x), B {:.0} tokens/s",
-        f.solo * 1e3,
-        f.with_b * 1e3,
-        f.with_b / f.solo,
-        f.b_tokens,
-        f.with_b_uncapped * 1e3,
-        f.with_b_uncapped / f.solo,
-        f.b_tokens_uncapped,
-    );
+    println!("roofline: {}", f.summary());
     // Measured: 60.4 ms against 53.7 ms (1.12x), B 1733 tokens/s; without
     // the cap 66.0 ms (1.23x), B 1627 tokens/s.
     the_cap_keeps_a_within_the_goal_at_a_bounded_cost_to_b(&f);
