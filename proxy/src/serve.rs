@@ -57,10 +57,16 @@ pub const fn default_runtime_threads(cores: usize) -> usize {
     if cores > 1 { cores - 1 } else { 1 }
 }
 
-/// [`default_runtime_threads`] of this machine's cores.
+/// This machine's cores (as the process may use them); one when unknown.
+#[must_use]
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// [`default_runtime_threads`] of this machine's [`cores`].
 #[must_use]
 pub fn runtime_threads_here() -> usize {
-    default_runtime_threads(std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
+    default_runtime_threads(cores())
 }
 
 /// The addresses a running front door listens on.

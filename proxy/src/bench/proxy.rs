@@ -24,6 +24,7 @@ use super::{
 };
 use crate::{
     dispatch::QueuePolicy,
+    serve::{self, cores},
     tls::{QUIC_ALPN, TCP_ALPN},
     worker::WorkerLink,
 };
@@ -66,11 +67,6 @@ pub struct ProxyOptions {
     pub proxy_threads: Option<std::num::NonZeroUsize>,
 }
 
-/// This machine's cores.
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-}
-
 /// The name of the load generator's runtime threads.
 const CLIENT_THREAD: &str = "bench-client";
 
@@ -78,7 +74,7 @@ const CLIENT_THREAD: &str = "bench-client";
 pub fn run(opts: &ProxyOptions) -> anyhow::Result<String> {
     let threads = opts
         .proxy_threads
-        .map_or_else(crate::serve::runtime_threads_here, std::num::NonZero::get);
+        .map_or_else(serve::runtime_threads_here, std::num::NonZero::get);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
