@@ -84,7 +84,9 @@ async fn session(shared: &Arc<Shared>, index: usize, spec: &WorkerSpec) -> Resul
     // Writes go on in a task of their own: the worker's answers are read
     // whatever is being written to it, so a worker blocked writing them
     // (it reads and writes on one thread) is never left waiting on us.
-    let mut writing = AbortOnDrop(tokio::spawn(write_frames(writer, rx, out)));
+    // A JoinSet aborts its task when dropped, i.e. when this session ends.
+    let mut writing = tokio::task::JoinSet::new();
+    writing.spawn(write_frames(writer, rx, out));
 
     loop {
         tokio::select! {
@@ -96,22 +98,13 @@ async fn session(shared: &Arc<Shared>, index: usize, spec: &WorkerSpec) -> Resul
                 }
                 Err(e) => return Err(format!("reading: {e}")),
             },
-            written = &mut writing.0 => {
+            Some(written) = writing.join_next() => {
                 return written.unwrap_or_else(|e| Err(format!("the writing task failed: {e}")));
             }
             status = wait_child(child.as_mut()) => {
                 return Ok(format!("its process exited ({status})"));
             }
         }
-    }
-}
-
-/// A task aborted when its handle is dropped (the session it served ended).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
