@@ -1160,6 +1160,7 @@ fn sse(value: &Value) -> Bytes {
 
 impl Handler for App {
     async fn handle(&self, req: ApiRequest) -> ApiResponse {
+        crate::serve::busy_poll::activity();
         let arrived = Instant::now();
         let route = (req.method.clone(), req.path.clone());
         let result = match (&route.0, route.1.as_str()) {

@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -67,6 +68,12 @@ enum Command {
         /// docs/benchmarks.md, "bench proxy".
         #[arg(long)]
         runtime_threads: Option<std::num::NonZeroUsize>,
+        /// Busy polling: after work, the runtime's threads keep polling
+        /// their sockets this many microseconds before they sleep (0: off).
+        /// Lowers latency by the cost of a wake-up, at the price of a core
+        /// spinning while requests keep coming. See docs/benchmarks.md.
+        #[arg(long, default_value_t = 0)]
+        busy_poll_us: u64,
     },
     /// Reload the tenants and TLS files of a running `serve` through its
     /// admin endpoint (as SIGHUP does), and print what changed or why not.
@@ -134,6 +141,10 @@ enum BenchCommand {
         /// default: as `serve`'s).
         #[arg(long)]
         proxy_threads: Option<std::num::NonZeroUsize>,
+        /// The busy-poll window (as `serve --busy-poll-us`) of the latency
+        /// part's busy-polling rounds; the rest runs without, as `serve`'s default.
+        #[arg(long, default_value_t = bulkhead::bench::proxy::DEFAULT_BUSY_POLL_US)]
+        busy_poll_us: u64,
     },
     /// An open-loop load generator over HTTP/3 with mTLS: per-tenant rates,
     /// bursts and lengths; percentiles, throughput, fairness, JSON, chart.
@@ -270,6 +281,7 @@ fn main() -> ExitCode {
             runtime_dir,
             ebpf_instance,
             runtime_threads,
+            busy_poll_us,
         } => run_serve(
             ServeOptions {
                 config,
@@ -277,6 +289,7 @@ fn main() -> ExitCode {
                 ebpf_instance,
             },
             runtime_threads,
+            Duration::from_micros(busy_poll_us),
         ),
         Command::Reload { config, admin } => run_reload(config.as_deref(), admin.as_deref()),
         Command::Tenants {
@@ -359,13 +372,12 @@ fn run_certs(args: &CertsArgs) -> anyhow::Result<String> {
 fn run_serve(
     opts: ServeOptions,
     threads: Option<std::num::NonZeroUsize>,
+    busy_poll: Duration,
 ) -> anyhow::Result<String> {
     let threads = threads.map_or_else(serve::runtime_threads_here, std::num::NonZero::get);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let poll = serve::busy_poll::process();
+    poll.set_window(busy_poll);
+    let runtime = serve::busy_poll::runtime(threads, poll).context("starting the async runtime")?;
     runtime.block_on(serve::run(opts))?;
     Ok(String::new())
 }
@@ -434,10 +446,12 @@ fn run_bench(command: &BenchCommand) -> anyhow::Result<String> {
         BenchCommand::Proxy {
             seconds,
             proxy_threads,
+            busy_poll_us,
         } => bench::proxy::run(&bench::proxy::ProxyOptions {
             seconds,
             program: None,
             proxy_threads,
+            busy_poll: Duration::from_micros(busy_poll_us),
         }),
         BenchCommand::Load(ref args) => bench::load::run(args),
         BenchCommand::Seed(ref args) => bench::seed::run(args),

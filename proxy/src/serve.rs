@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod busy_poll;
 pub mod plan;
 pub mod reload;
 

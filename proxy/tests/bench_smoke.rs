@@ -33,6 +33,7 @@ fn proxy_bench_prints_its_table() {
         seconds: 1,
         program: Some(program()),
         proxy_threads: std::num::NonZeroUsize::new(1),
+        busy_poll: std::time::Duration::from_micros(proxy::DEFAULT_BUSY_POLL_US),
     })
     .unwrap();
     assert!(table.contains("the proxy's 1,"), "{table}");
@@ -42,6 +43,7 @@ fn proxy_bench_prints_its_table() {
         "CPU per request: the load generator",
         "requests/s the proxy's CPU per request allows",
         "added latency p50",
+        "with busy polling, a 200 µs window (serve --busy-poll-us 200)",
         "handshakes/s, TLS/TCP",
         "handshakes/s, QUIC",
     ] {

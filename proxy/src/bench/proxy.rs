@@ -6,7 +6,9 @@
 //!   streams (non-streaming chat completions, `max_tokens` 1);
 //! - the latency the proxy adds: the same request through the proxy, one
 //!   at a time, minus a direct [`WorkerLink`] Submit → Finished round trip
-//!   to a second, identical worker process;
+//!   to a second, identical worker process; in interleaved rounds with the
+//!   proxy runtime's busy polling off (`serve`'s default) and on
+//!   ([`crate::serve::busy_poll`], the window of `--busy-poll-us`);
 //! - full mutual-TLS handshakes per second (no resumption, a new
 //!   connection each) on the TLS/TCP and the QUIC listener, 2 connectors each.
 //!
@@ -24,7 +26,11 @@ use super::{
 };
 use crate::{
     dispatch::QueuePolicy,
-    serve::{self, cores},
+    serve::{
+        self,
+        busy_poll::{self, BusyPoll},
+        cores,
+    },
     tls::{QUIC_ALPN, TCP_ALPN},
     worker::WorkerLink,
 };
@@ -65,7 +71,13 @@ pub struct ProxyOptions {
     pub program: Option<PathBuf>,
     /// Threads of the proxy's runtime; `None`: as `serve`'s default.
     pub proxy_threads: Option<std::num::NonZeroUsize>,
+    /// The busy-poll window of the latency part's busy-polling rounds (the
+    /// throughput part and the other rounds run without, as `serve`'s default).
+    pub busy_poll: Duration,
 }
+
+/// The busy-poll window (µs) `bench proxy` measures unless told otherwise.
+pub const DEFAULT_BUSY_POLL_US: u64 = 200;
 
 /// The name of the load generator's runtime threads.
 const CLIENT_THREAD: &str = "bench-client";
@@ -75,18 +87,17 @@ pub fn run(opts: &ProxyOptions) -> anyhow::Result<String> {
     let threads = opts
         .proxy_threads
         .map_or_else(serve::runtime_threads_here, std::num::NonZero::get);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .context("starting the proxy's runtime")?;
+    // The process's busy poll: the one the API's and dispatcher's activity feeds.
+    let poll = Arc::clone(busy_poll::process());
+    poll.set_window(Duration::ZERO);
+    let rt = busy_poll::runtime(threads, &poll).context("starting the proxy's runtime")?;
     let clients = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name(CLIENT_THREAD)
         .enable_all()
         .build()
         .context("starting the clients' runtime")?;
-    let result = rt.block_on(measure(opts, clients.handle(), threads));
+    let result = rt.block_on(measure(opts, clients.handle(), threads, poll));
     clients.shutdown_timeout(Duration::from_secs(3));
     rt.shutdown_timeout(Duration::from_secs(3));
     result
@@ -104,13 +115,34 @@ fn body() -> Bytes {
 }
 
 struct Latency {
-    proxy: Vec<Duration>,
+    /// Busy polling off.
+    plain: ThroughProxy,
+    /// Busy polling on.
+    polled: ThroughProxy,
     direct: Vec<Duration>,
+}
+
+/// One-at-a-time requests through the proxy, sorted.
+#[derive(Default)]
+struct ThroughProxy {
+    completions: Vec<Duration>,
     /// `GET /healthz` through the proxy: HTTP/3 and the handler, no dispatch.
     floor: Vec<Duration>,
 }
 
-async fn measure(opts: &ProxyOptions, clients: &Handle, threads: usize) -> anyhow::Result<String> {
+impl ThroughProxy {
+    fn sort(&mut self) {
+        self.completions.sort_unstable();
+        self.floor.sort_unstable();
+    }
+}
+
+async fn measure(
+    opts: &ProxyOptions,
+    clients: &Handle,
+    threads: usize,
+    poll: Arc<BusyPoll>,
+) -> anyhow::Result<String> {
     let total = Duration::from_secs(opts.seconds.max(1));
     let throughput_time = total.mul_f64(0.4);
     let latency_time = total.mul_f64(0.3);
@@ -166,8 +198,9 @@ async fn measure(opts: &ProxyOptions, clients: &Handle, threads: usize) -> anyho
     let client = Arc::new(client);
     let latency = {
         let client = Arc::clone(&client);
+        let window = opts.busy_poll;
         clients
-            .spawn(async move { added_latency(&client, link, latency_time).await })
+            .spawn(async move { added_latency(&client, link, latency_time, (&poll, window)).await })
             .await??
     };
     let tcp = tcp_handshakes(&front, clients, handshake_time).await?;
@@ -254,59 +287,42 @@ async fn throughput(
     })
 }
 
-/// The same request through the proxy and directly to a worker, one at a
-/// time, interleaved in rounds so drift hits both alike.
+/// The same request through the proxy (busy polling off, then on) and
+/// directly to a worker, one at a time, interleaved in rounds so drift hits
+/// all alike. `poll` is the proxy runtime's busy poll and the window of its
+/// busy-polling rounds.
 async fn added_latency(
     client: &H3Client,
     mut link: WorkerLink,
     time: Duration,
+    poll: (&BusyPoll, Duration),
 ) -> anyhow::Result<Latency> {
     const ROUND: usize = 50;
+    let (poll, window) = poll;
     let tokenizer = ByteTokenizer::new(&ModelConfig::tiny());
     // The chat template of the built-in model, as the API renders it.
     let prompt = tokenizer.encode(&format!("<|user|>\n{CONTENT}\n<|assistant|>\n"));
     let tenant = super::tenant(TENANT);
     let mut out = Latency {
-        proxy: Vec::new(),
+        plain: ThroughProxy::default(),
+        polled: ThroughProxy::default(),
         direct: Vec::new(),
-        floor: Vec::new(),
     };
-    let health = client.request("/healthz");
     let mut send = client.send.clone();
-    let request = client.request("/v1/chat/completions");
-    let payload = body();
     let end = Instant::now() + time;
     let mut next_id: u128 = 1;
     // One warm-up round each, not counted.
     let mut counted = false;
     while Instant::now() < end || !counted {
-        for _ in 0..ROUND {
-            let mut r = http::Request::new(());
-            r.method_mut().clone_from(request.method());
-            r.uri_mut().clone_from(request.uri());
-            r.headers_mut().clone_from(request.headers());
-            let t0 = Instant::now();
-            let (status, mut stream) = post(&mut send, r, payload.clone()).await?;
-            drain(&mut stream).await?;
-            let took = t0.elapsed();
-            anyhow::ensure!(status == http::StatusCode::OK, "status {status}");
+        for (on, into) in [(false, &mut out.plain), (true, &mut out.polled)] {
+            poll.set_window(if on { window } else { Duration::ZERO });
+            let round = through_proxy(client, &mut send, ROUND).await?;
             if counted {
-                out.proxy.push(took);
-            }
-            let mut r = http::Request::new(());
-            r.uri_mut().clone_from(health.uri());
-            r.headers_mut().clone_from(health.headers());
-            let t0 = Instant::now();
-            let mut stream = send.send_request(r).await?;
-            stream.finish().await?;
-            let status = stream.recv_response().await?.status();
-            drain(&mut stream).await?;
-            let took = t0.elapsed();
-            anyhow::ensure!(status == http::StatusCode::OK, "healthz status {status}");
-            if counted {
-                out.floor.push(took);
+                into.completions.extend(round.completions);
+                into.floor.extend(round.floor);
             }
         }
+        poll.set_window(Duration::ZERO);
         let submits: Vec<Submit> = (0..ROUND)
             .map(|_| {
                 next_id += 1;
@@ -349,9 +365,43 @@ async fn added_latency(
         }
         counted = true;
     }
-    out.proxy.sort_unstable();
+    out.plain.sort();
+    out.polled.sort();
     out.direct.sort_unstable();
-    out.floor.sort_unstable();
+    Ok(out)
+}
+
+/// `n` completions and `n` `GET /healthz`, alternating, one at a time.
+async fn through_proxy(
+    client: &H3Client,
+    send: &mut h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    n: usize,
+) -> anyhow::Result<ThroughProxy> {
+    let health = client.request("/healthz");
+    let request = client.request("/v1/chat/completions");
+    let payload = body();
+    let mut out = ThroughProxy::default();
+    for _ in 0..n {
+        let mut r = http::Request::new(());
+        r.method_mut().clone_from(request.method());
+        r.uri_mut().clone_from(request.uri());
+        r.headers_mut().clone_from(request.headers());
+        let t0 = Instant::now();
+        let (status, mut stream) = post(send, r, payload.clone()).await?;
+        drain(&mut stream).await?;
+        out.completions.push(t0.elapsed());
+        anyhow::ensure!(status == http::StatusCode::OK, "status {status}");
+        let mut r = http::Request::new(());
+        r.uri_mut().clone_from(health.uri());
+        r.headers_mut().clone_from(health.headers());
+        let t0 = Instant::now();
+        let mut stream = send.send_request(r).await?;
+        stream.finish().await?;
+        let status = stream.recv_response().await?.status();
+        drain(&mut stream).await?;
+        out.floor.push(t0.elapsed());
+        anyhow::ensure!(status == http::StatusCode::OK, "healthz status {status}");
+    }
     Ok(out)
 }
 
@@ -428,6 +478,42 @@ fn row(out: &mut String, measure: &str, value: &str, goal: &str) {
     let _ = writeln!(out, "{measure:<58} {value:>14} {goal:>14}");
 }
 
+/// The added-latency rows of one kind of round through the proxy.
+fn latency_rows(out: &mut String, through: &ThroughProxy, direct: &[Duration]) {
+    let p = super::percentile;
+    let added = |q: f64| p(&through.completions, q).saturating_sub(p(direct, q));
+    goal_row(
+        out,
+        "added latency p50 (proxy p50 - direct p50)",
+        &us(added(50.0)),
+        &format!("<= {}", us(GOAL_ADDED)),
+        added(50.0) <= GOAL_ADDED,
+    );
+    row(
+        out,
+        "  added latency p99 (proxy p99 - direct p99)",
+        &us(added(99.0)),
+        "-",
+    );
+    for (what, sorted) in [
+        ("through the proxy", &through.completions[..]),
+        ("direct to a worker", direct),
+    ] {
+        row(
+            out,
+            &format!("  {what} p50 / p99 ({} requests)", sorted.len()),
+            &us(p(sorted, 50.0)),
+            &us(p(sorted, 99.0)),
+        );
+    }
+    row(
+        out,
+        "  of which HTTP/3 alone: GET /healthz p50 / p99",
+        &us(p(&through.floor, 50.0)),
+        &us(p(&through.floor, 99.0)),
+    );
+}
+
 /// A row of a measure with a goal, and its verdict.
 fn goal_row(out: &mut String, measure: &str, value: &str, goal: &str, met: bool) {
     let _ = writeln!(
@@ -446,8 +532,6 @@ fn report(
     quic: f64,
 ) -> String {
     let rps = throughput.rate;
-    let p = super::percentile;
-    let added = |q: f64| p(&latency.proxy, q).saturating_sub(p(&latency.direct, q));
     let cores = cores();
     let mut out = String::new();
     let _ = writeln!(
@@ -501,36 +585,13 @@ fn report(
         &format!("{:.0}", capacity(proxy, throughput.done, cores)),
         "-",
     );
-    goal_row(
-        &mut out,
-        "added latency p50 (proxy p50 - direct p50)",
-        &us(added(50.0)),
-        &format!("<= {}", us(GOAL_ADDED)),
-        added(50.0) <= GOAL_ADDED,
+    latency_rows(&mut out, &latency.plain, &latency.direct);
+    let _ = writeln!(
+        out,
+        "with busy polling, a {} µs window (serve --busy-poll-us {0}), in rounds between those above:",
+        opts.busy_poll.as_micros()
     );
-    row(
-        &mut out,
-        "added latency p99 (proxy p99 - direct p99)",
-        &us(added(99.0)),
-        "-",
-    );
-    for (what, sorted) in [
-        ("through the proxy", &latency.proxy),
-        ("direct to a worker", &latency.direct),
-    ] {
-        row(
-            &mut out,
-            &format!("  {what} p50 / p99 ({} requests)", sorted.len()),
-            &us(p(sorted, 50.0)),
-            &us(p(sorted, 99.0)),
-        );
-    }
-    row(
-        &mut out,
-        "  of which HTTP/3 alone: GET /healthz p50 / p99",
-        &us(p(&latency.floor, 50.0)),
-        &us(p(&latency.floor, 99.0)),
-    );
+    latency_rows(&mut out, &latency.polled, &latency.direct);
     for (listener, rate) in [("TLS/TCP", tcp), ("QUIC", quic)] {
         row(
             &mut out,
