@@ -116,16 +116,24 @@ async fn write_frames(
     mut rx: mpsc::UnboundedReceiver<ProxyToWorker>,
     mut out: Vec<u8>,
 ) -> Result<String, String> {
+    // Messages in the last write: more than one means requests are coming
+    // together, and waiting a turn lets the next write carry more of them.
+    let mut last_batch = 0_usize;
     while let Some(message) = rx.recv().await {
-        // Let the other tasks that are ready run first: under load they are
+        // Under load, let the other tasks that are ready run first: they are
         // requests about to submit, and one write then carries them all
-        // (measured: ~0.43 writes a request without this, ~0.07 with it).
-        // Alone, the task is polled again at once.
-        tokio::task::yield_now().await;
+        // (measured: ~0.43 writes a request without this, 0.04-0.07 with
+        // it). One request at a time, the turn would only delay it: ~3 µs
+        // here, from the dispatch event to the write.
+        if last_batch > 1 {
+            tokio::task::yield_now().await;
+        }
         out.clear();
         encode_frame(&message, &mut out).map_err(|e| e.to_string())?;
+        last_batch = 1;
         while let Ok(more) = rx.try_recv() {
             encode_frame(&more, &mut out).map_err(|e| e.to_string())?;
+            last_batch += 1;
         }
         writer
             .write_all(&out)
