@@ -2,6 +2,7 @@
 
 use serde::Deserialize;
 use serde_json::Value;
+use std::borrow::Cow;
 
 /// A request parsed from JSON, common to chat and text completions.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,10 +54,12 @@ fn bad(message: impl Into<String>, param: Option<&'static str>) -> BadRequest {
     }
 }
 
+/// The body's fields, each as JSON (so a wrong type gets its own message),
+/// with `messages` as `M`.
 #[derive(Deserialize)]
-struct Raw {
+struct Raw<M> {
     model: Option<Value>,
-    messages: Option<Value>,
+    messages: Option<M>,
     prompt: Option<Value>,
     max_tokens: Option<Value>,
     max_completion_tokens: Option<Value>,
@@ -69,24 +72,47 @@ struct Raw {
     n: Option<Value>,
 }
 
+/// A chat message of the common shape: a role and text content, read
+/// without building a JSON tree (borrowed from the body where it can be).
+#[derive(Deserialize)]
+struct PlainMessage<'a> {
+    #[serde(borrow)]
+    role: Cow<'a, str>,
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+}
+
 /// Parses and checks a body. Unknown fields are ignored, as OpenAI's API does;
 /// known ones must have the right type and range.
+///
+/// Chat messages of the common shape (a known role, text content) take a
+/// fast path that reads them straight into their types; anything else,
+/// any error included, is parsed as JSON values, which [`parse_values`]
+/// alone decides: the fast path gives the same answer or none
+/// (`fast_path_answers_as_the_values_do`).
 pub fn parse(kind: Kind, body: &[u8]) -> Result<CompletionRequest, BadRequest> {
-    let raw: Raw = serde_json::from_slice(body).map_err(|e| {
+    if kind == Kind::Chat
+        && let Ok(raw) = serde_json::from_slice::<Raw<Vec<PlainMessage<'_>>>>(body)
+        && let Some(prompt) = raw.messages.as_deref().and_then(render_plain)
+    {
+        return checked(kind, raw, prompt);
+    }
+    parse_values(kind, body)
+}
+
+/// [`parse`] by way of JSON values: every body, every error message.
+fn parse_values(kind: Kind, body: &[u8]) -> Result<CompletionRequest, BadRequest> {
+    let raw: Raw<Value> = serde_json::from_slice(body).map_err(|e| {
         bad(
             format!("We could not parse the JSON body of your request: {e}"),
             None,
         )
     })?;
-    let model = match raw.model {
-        Some(Value::String(m)) if !m.is_empty() => m,
-        Some(_) => return Err(bad("'model' must be a non-empty string", Some("model"))),
-        None => return Err(bad("you must provide a model parameter", Some("model"))),
-    };
+    checked_model(raw.model.as_ref())?;
     let prompt = match kind {
         Kind::Chat => render_chat(raw.messages.as_ref())?,
-        Kind::Text => match raw.prompt {
-            Some(Value::String(p)) => p,
+        Kind::Text => match &raw.prompt {
+            Some(Value::String(p)) => p.clone(),
             Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
                 a[0].as_str().unwrap_or_default().to_owned()
             }
@@ -99,6 +125,54 @@ pub fn parse(kind: Kind, body: &[u8]) -> Result<CompletionRequest, BadRequest> {
             None => return Err(bad("you must provide a prompt", Some("prompt"))),
         },
     };
+    checked(kind, raw, prompt)
+}
+
+/// The model's error, if it is not a non-empty string.
+fn checked_model(model: Option<&Value>) -> Result<&str, BadRequest> {
+    match model {
+        Some(Value::String(m)) if !m.is_empty() => Ok(m),
+        Some(_) => Err(bad("'model' must be a non-empty string", Some("model"))),
+        None => Err(bad("you must provide a model parameter", Some("model"))),
+    }
+}
+
+/// The chat template over messages of the common shape; `None` for anything
+/// [`render_chat`] would refuse (left to it, for its message).
+fn render_plain(messages: &[PlainMessage<'_>]) -> Option<String> {
+    if messages.is_empty() {
+        return None;
+    }
+    let mut out = String::new();
+    for m in messages {
+        let role = m.role.as_ref();
+        if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool") {
+            return None;
+        }
+        let content = match &m.content {
+            Some(c) => c.as_ref(),
+            None if role == "assistant" => "",
+            None => return None,
+        };
+        push_turn(&mut out, role, content);
+    }
+    out.push_str("<|assistant|>\n");
+    Some(out)
+}
+
+/// One turn of the chat template.
+fn push_turn(out: &mut String, role: &str, content: &str) {
+    out.push_str("<|");
+    out.push_str(role);
+    out.push_str("|>\n");
+    out.push_str(content);
+    out.push('\n');
+}
+
+/// Checks the fields besides the prompt (already rendered) and the model
+/// (checked first, as [`parse_values`] does).
+fn checked<M>(kind: Kind, raw: Raw<M>, prompt: String) -> Result<CompletionRequest, BadRequest> {
+    let model = checked_model(raw.model.as_ref())?.to_owned();
     if let Some(n) = raw.n
         && n != 1
     {
@@ -256,11 +330,7 @@ fn render_chat(messages: Option<&Value>) -> Result<String, BadRequest> {
                 ));
             }
         };
-        out.push_str("<|");
-        out.push_str(role);
-        out.push_str("|>\n");
-        out.push_str(&content);
-        out.push('\n');
+        push_turn(&mut out, role, &content);
     }
     out.push_str("<|assistant|>\n");
     Ok(out)
@@ -302,6 +372,7 @@ impl Utf8Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn chat_bodies_parse_and_render() {
@@ -353,6 +424,162 @@ mod tests {
                 String::from_utf8_lossy(body),
                 err.message
             );
+        }
+    }
+
+    #[test]
+    fn the_common_chat_body_takes_the_fast_path() {
+        let body = br#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi \u00e9"},{"role":"assistant"}],"max_tokens":1,"temperature":0}"#;
+        let raw: Raw<Vec<PlainMessage<'_>>> = serde_json::from_slice(body).unwrap();
+        let prompt = raw.messages.as_deref().and_then(render_plain).unwrap();
+        assert_eq!(
+            prompt,
+            "<|system|>\nbe brief\n<|user|>\nhi \u{e9}\n<|assistant|>\n\n<|assistant|>\n"
+        );
+        assert_eq!(parse(Kind::Chat, body), parse_values(Kind::Chat, body));
+    }
+
+    /// One JSON value of `choices`, or the field left out (`None`).
+    fn one_of(choices: &'static [Option<&'static str>]) -> impl Strategy<Value = Option<String>> {
+        proptest::sample::select(choices).prop_map(|c| c.map(str::to_owned))
+    }
+
+    /// An object of `fields` (each left out when `None`), in order.
+    fn object(fields: &[(&str, Option<String>)]) -> String {
+        let fields: Vec<String> = fields
+            .iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| format!(r#""{k}":{v}"#)))
+            .collect();
+        format!("{{{}}}", fields.join(","))
+    }
+
+    /// A chat message, often malformed: roles, contents, extra and repeated keys.
+    fn message() -> impl Strategy<Value = String> {
+        let role = one_of(&[
+            None,
+            Some(r#""user""#),
+            Some(r#""assistant""#),
+            Some(r#""system""#),
+            Some(r#""tool""#),
+            Some(r#""wizard""#),
+            Some("1"),
+            Some("null"),
+        ]);
+        let content = one_of(&[
+            None,
+            Some(r#""hi""#),
+            Some(r#""a\nb\u00e9\"""#),
+            Some(r#""""#),
+            Some("null"),
+            Some(r#"[{"type":"text","text":"x"},{"type":"text","text":"y"}]"#),
+            Some(r#"[{"type":"image_url"}]"#),
+            Some("[]"),
+            Some("5"),
+        ]);
+        let name = one_of(&[None, Some(r#""bob""#)]);
+        let again = one_of(&[None, Some(r#""user""#), Some(r#""wizard""#)]);
+        (role, content, name, again, proptest::bool::weighted(0.05)).prop_map(
+            |(role, content, name, again, not_an_object)| {
+                if not_an_object {
+                    return r#""a message""#.to_owned();
+                }
+                object(&[
+                    ("role", role),
+                    ("content", content),
+                    ("name", name),
+                    ("role", again),
+                ])
+            },
+        )
+    }
+
+    /// A completion body, often malformed, every known field varied.
+    fn body() -> impl Strategy<Value = String> {
+        let messages = prop_oneof![
+            one_of(&[None, Some("null"), Some("[]"), Some(r#""hi""#)]),
+            proptest::collection::vec(message(), 1..4)
+                .prop_map(|m| Some(format!("[{}]", m.join(",")))),
+        ];
+        let head = (
+            one_of(&[
+                Some(r#""m""#),
+                Some(r#""m\"x""#),
+                None,
+                Some(r#""""#),
+                Some("1"),
+                Some("null"),
+            ]),
+            messages,
+            one_of(&[None, Some(r#""text""#), Some(r#"["one"]"#), Some("[1]")]),
+            one_of(&[
+                None,
+                Some("5"),
+                Some("-1"),
+                Some("null"),
+                Some("1.5"),
+                Some(r#""5""#),
+            ]),
+            one_of(&[
+                None,
+                Some("0"),
+                Some("0.7"),
+                Some("3"),
+                Some("null"),
+                Some(r#""x""#),
+            ]),
+            one_of(&[None, Some("1"), Some("0"), Some("0.5")]),
+        );
+        let tail = (
+            one_of(&[None, Some("7"), Some("-7"), Some("null"), Some(r#""s""#)]),
+            one_of(&[
+                None,
+                Some(r#""\n""#),
+                Some(r#"["a","b"]"#),
+                Some("[1]"),
+                Some("[]"),
+                Some("null"),
+            ]),
+            one_of(&[None, Some("true"), Some("false"), Some("null"), Some("1")]),
+            one_of(&[None, Some(r#""u""#), Some("1"), Some("null")]),
+            one_of(&[None, Some("1"), Some("2"), Some("null"), Some("1.0")]),
+            one_of(&[None, Some(r#"[{"role":"user","content":"again"}]"#)]),
+        );
+        (head, tail).prop_map(
+            |(
+                (model, messages, prompt, max_tokens, temperature, top_p),
+                (seed, stop, stream, user, n, messages_again),
+            )| {
+                object(&[
+                    ("model", model),
+                    ("messages", messages),
+                    ("prompt", prompt),
+                    ("max_tokens", max_tokens),
+                    ("temperature", temperature),
+                    ("top_p", top_p),
+                    ("seed", seed),
+                    ("stop", stop),
+                    ("stream", stream),
+                    ("user", user),
+                    ("n", n),
+                    ("x", Some("{}".to_owned())),
+                    ("messages", messages_again),
+                ])
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+        /// Whatever the body, the fast path answers as the JSON values do.
+        #[test]
+        fn fast_path_answers_as_the_values_do(body in body()) {
+            for kind in [Kind::Chat, Kind::Text] {
+                prop_assert_eq!(
+                    parse(kind, body.as_bytes()),
+                    parse_values(kind, body.as_bytes()),
+                    "{}", body
+                );
+            }
         }
     }
 
