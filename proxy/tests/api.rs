@@ -60,6 +60,12 @@ api_key_sha256 = ["{}"]
 }
 
 async fn app(name: &str) -> (Arc<App>, PathBuf) {
+    let (app, dir) = bare_app(name).await;
+    (Arc::new(app), dir)
+}
+
+/// [`app`], not yet shared (to add an audit log).
+async fn bare_app(name: &str) -> (App, PathBuf) {
     let config = config();
     let dir = std::env::temp_dir().join(format!("bh-api-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -97,7 +103,7 @@ async fn app(name: &str) -> (Arc<App>, PathBuf) {
     );
     assert!(dispatcher.wait_ready(Duration::from_mins(1)).await);
     let app = App::new(config, dispatcher, Arc::new(Metrics::default())).unwrap();
-    (Arc::new(app), dir)
+    (app, dir)
 }
 
 fn request(
@@ -423,4 +429,70 @@ async fn a_worker_killed_mid_stream_fails_its_streams_only_and_comes_back() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A stream whose transport goes away submits its record from its own
+/// task, after the transport is done with it; the audit hook counts it
+/// pending until then, which is what a shutdown waits for before it closes
+/// the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_off_is_a_pending_record_until_it_is_in_the_ring() {
+    let (app, dir) = bare_app("stream-ends").await;
+    let mut settings = config().audit;
+    settings.dir = dir.join("audit");
+    settings.key_file = dir.join("audit.key");
+    let log = bulkhead::serve::audit::open(&settings).unwrap();
+    let app = app.with_audit(log.hook.clone());
+    assert_eq!(log.hook.pending_records(), 0);
+    // More chunks than the stream's channel holds (64): unread, it blocks.
+    let body = json!({"model": "big", "messages": [{"role": "user", "content": "go on"}],
+                      "max_tokens": 400, "stream": true, "seed": 3});
+    let r = app.handle(chat("globex", body)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let ResponseBody::Stream(rx) = r.body else {
+        panic!("not a stream")
+    };
+    // The transport goes away without reading.
+    drop(rx);
+    assert!(
+        log.hook.records_settled(Duration::from_secs(10)).await,
+        "{} records still pending",
+        log.hook.pending_records()
+    );
+    assert_eq!(log.hook.counters().submitted, 1, "the stream's record");
+    log.writer.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A whole answer's request dropped while it waits (its connection was
+/// aborted) submits its record from the drop, and is pending until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_request_is_a_pending_record_until_its_drop_submits_it() {
+    let (app, dir) = bare_app("abort-ends").await;
+    let mut settings = config().audit;
+    settings.dir = dir.join("audit");
+    settings.key_file = dir.join("audit.key");
+    let log = bulkhead::serve::audit::open(&settings).unwrap();
+    let app = Arc::new(app.with_audit(log.hook.clone()));
+    let body = json!({"model": "big", "messages": [{"role": "user", "content": "go on"}],
+                      "max_tokens": 400, "seed": 3});
+    let task = {
+        let app = Arc::clone(&app);
+        tokio::spawn(async move { app.handle(chat("globex", body)).await })
+    };
+    // Wait until it is admitted (its record started), then abort it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while log.hook.pending_records() == 0 && !task.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "never admitted");
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    task.abort();
+    assert!(
+        log.hook.records_settled(Duration::from_secs(10)).await,
+        "{} records still pending",
+        log.hook.pending_records()
+    );
+    assert_eq!(log.hook.counters().submitted, 1, "the request's record");
+    log.writer.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -30,9 +30,13 @@ use bulkhead_core::{
 };
 use std::{
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
+use tokio::sync::Notify;
 
 /// How long a finished request waits for room in a full ring before its
 /// answer is withheld.
@@ -45,12 +49,68 @@ const SIDE_WAIT: Duration = Duration::from_millis(200);
 pub struct AuditHook {
     sink: AuditSink,
     keys: Arc<AuditKeys>,
+    pending: Arc<Pending>,
+}
+
+/// Records of admitted requests not yet in the ring. A request's record
+/// may outlive the transport's part of it: a stream's task submits it once
+/// it sees its client gone, and a request aborted with its connection
+/// submits it as its future is dropped, which the runtime does after the
+/// listener has finished. A shutdown waits for these before it closes the
+/// log ([`AuditHook::records_settled`]).
+#[derive(Debug, Default)]
+struct Pending {
+    count: AtomicUsize,
+    settled: Notify,
+}
+
+/// One record of [`Pending`], counted until dropped.
+struct PendingGuard(Arc<Pending>);
+
+impl PendingGuard {
+    fn new(pending: &Arc<Pending>) -> Self {
+        pending.count.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(pending))
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.settled.notify_waiters();
+        }
+    }
 }
 
 impl AuditHook {
     /// Records go to `sink`; digests are keyed by `keys` (the writer's master key).
     pub fn new(sink: AuditSink, keys: Arc<AuditKeys>) -> Self {
-        Self { sink, keys }
+        Self {
+            sink,
+            keys,
+            pending: Arc::default(),
+        }
+    }
+
+    /// Records of admitted requests started and not yet submitted (nor given up).
+    pub fn pending_records(&self) -> usize {
+        self.pending.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits up to `limit` until every record started has been submitted
+    /// (or given up, with an error logged); whether all have. A shutdown
+    /// calls it after the listeners have stopped and before the log closes.
+    pub async fn records_settled(&self, limit: Duration) -> bool {
+        let all = async {
+            loop {
+                let settled = self.pending.settled.notified();
+                if self.pending_records() == 0 {
+                    return;
+                }
+                settled.await;
+            }
+        };
+        tokio::time::timeout(limit, all).await.is_ok()
     }
 
     /// The ring's counters (for `/metrics`).
@@ -74,6 +134,7 @@ impl AuditHook {
                 self.request_event(&request, request_id),
                 self.keys.content_hasher(request.tenant),
             )),
+            pending: Some(PendingGuard::new(&self.pending)),
         }
     }
 
@@ -170,6 +231,9 @@ pub(crate) struct Record {
     started: Instant,
     /// `None` once submitted.
     open: Option<(RequestEvent, ContentHasher)>,
+    /// Counts the record as pending until it is dropped (after its
+    /// submission), or until the blocking submission of a drop ends.
+    pending: Option<PendingGuard>,
 }
 
 impl Record {
@@ -256,12 +320,14 @@ impl Drop for Record {
         match sink.submit(event.clone(), Duration::ZERO) {
             Ok(_) => {}
             Err(SubmitError::Full { .. }) if tokio::runtime::Handle::try_current().is_ok() => {
+                let pending = self.pending.take();
                 tokio::task::spawn_blocking(move || {
                     if let Err(err) = sink.submit(event, RECORD_WAIT) {
                         tracing::error!(
                             "the audit record of an abandoned request was not taken: {err}"
                         );
                     }
+                    drop(pending);
                 });
             }
             Err(err) => {
