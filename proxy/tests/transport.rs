@@ -55,11 +55,23 @@ struct Seen {
 
 /// `/stream`: five chunks, [`CHUNK_GAP`] apart. `/endless`: a chunk every
 /// 20 ms until the receiver is gone, then `sender_closed` is notified.
-/// Anything else: a JSON echo of the tenant, protocol and body size.
+/// `/slow`: a whole answer after a minute; `slow_dropped` is notified if
+/// the handler is dropped before. Anything else: a JSON echo of the
+/// tenant, protocol and body size.
 #[derive(Default)]
 struct TestHandler {
     seen: Mutex<Vec<Seen>>,
     sender_closed: Arc<Notify>,
+    slow_dropped: Arc<Notify>,
+}
+
+/// Notifies when dropped.
+struct OnDrop(Arc<Notify>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
 }
 
 impl TestHandler {
@@ -100,6 +112,12 @@ impl Handler for TestHandler {
                     }
                 });
                 streaming(rx)
+            }
+            "/slow" => {
+                let dropped = OnDrop(Arc::clone(&self.slow_dropped));
+                tokio::time::sleep(Duration::from_mins(1)).await;
+                std::mem::forget(dropped);
+                ApiResponse::full(StatusCode::OK, "application/json", "{}")
             }
             "/endless" => {
                 let (tx, rx) = mpsc::channel(1);
@@ -777,6 +795,37 @@ async fn a_client_leaving_a_stream_closes_the_handlers_channel() {
     let closed = fx.handler.sender_closed.notified();
     h3.conn.close(0u32.into(), b"bye");
     within("h3 connection closed: sender sees it", closed).await;
+}
+
+/// A client that closes its connection while its whole answer is being
+/// computed: the handler is dropped (which cancels the request) rather than
+/// left to finish an answer nobody reads.
+#[tokio::test]
+async fn a_client_gone_before_a_whole_answer_drops_its_handler() {
+    let fx = start(limits()).await;
+    let h3 = H3Client::connect(&fx, Identity::Tenant("acme"))
+        .await
+        .unwrap();
+    let mut send = h3.send.clone();
+    let mut stream = send
+        .send_request(
+            http::Request::post(format!("https://localhost:{}/slow", fx.quic.port()))
+                .body(())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    stream.finish().await.unwrap();
+    let dropped = fx.handler.slow_dropped.notified();
+    // Once the handler has it, the client goes away.
+    within("the handler sees the request", async {
+        while !fx.handler.seen().iter().any(|s| s.path == "/slow") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    h3.conn.close(0u32.into(), b"bye");
+    within("h3 connection closed: the handler is dropped", dropped).await;
 }
 
 #[tokio::test]

@@ -465,7 +465,17 @@ async fn request<H: Handler>(shared: Arc<Shared<H>>, state: Arc<ConnState>, reso
                         protocol: Protocol::Http3,
                     },
                 };
-                shared.handler.handle(request).await
+                // A client gone before its answer: dropping the handler's
+                // future cancels the request (a queued or running sequence
+                // is cancelled, its blocks freed, its record submitted as
+                // 499) instead of computing an answer nobody reads.
+                tokio::select! {
+                    response = shared.handler.handle(request) => response,
+                    _ = state.conn.closed() => {
+                        debug!("HTTP/3 client gone before its answer");
+                        return;
+                    }
+                }
             }
             Err(BodyError::TooLarge) => {
                 // RFC 9114 §4.1: a complete response may precede the request's end.
