@@ -5,7 +5,7 @@ use bulkhead::{
     api::{App, metrics::Metrics},
     dispatch::{Dispatcher, WorkerSpec},
     front::{ApiRequest, ApiResponse, Handler, Peer, Protocol, ResponseBody},
-    serve::plan::tenant_slots,
+    serve::{audit::AuditLog, plan::tenant_slots},
 };
 use bulkhead_core::{
     TenantId,
@@ -15,7 +15,11 @@ use bulkhead_core::{
 };
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde_json::{Value, json};
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 const ACME_KEY: &str = "sk-acme-test-key";
 const GLOBEX_KEY: &str = "sk-globex-test-key";
@@ -431,18 +435,36 @@ async fn a_worker_killed_mid_stream_fails_its_streams_only_and_comes_back() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// [`bare_app`] recording into an audit log of its own.
+async fn audited_app(name: &str) -> (App, AuditLog, PathBuf) {
+    let (app, dir) = bare_app(name).await;
+    let mut settings = config().audit;
+    settings.dir = dir.join("audit");
+    settings.key_file = dir.join("audit.key");
+    let log = bulkhead::serve::audit::open(&settings).unwrap();
+    (app.with_audit(log.hook.clone()), log, dir)
+}
+
+/// Once nothing is pending, exactly one record (`what`'s) is in the ring;
+/// then the log closes and the directory goes.
+async fn one_record_settles(log: AuditLog, dir: &Path, what: &str) {
+    assert!(
+        log.hook.records_settled(Duration::from_secs(10)).await,
+        "{} records still pending",
+        log.hook.pending_records()
+    );
+    assert_eq!(log.hook.counters().submitted, 1, "{what}");
+    log.writer.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A stream whose transport goes away submits its record from its own
 /// task, after the transport is done with it; the audit hook counts it
 /// pending until then, which is what a shutdown waits for before it closes
 /// the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_cut_off_is_a_pending_record_until_it_is_in_the_ring() {
-    let (app, dir) = bare_app("stream-ends").await;
-    let mut settings = config().audit;
-    settings.dir = dir.join("audit");
-    settings.key_file = dir.join("audit.key");
-    let log = bulkhead::serve::audit::open(&settings).unwrap();
-    let app = app.with_audit(log.hook.clone());
+    let (app, log, dir) = audited_app("stream-ends").await;
     assert_eq!(log.hook.pending_records(), 0);
     // More chunks than the stream's channel holds (64): unread, it blocks.
     let body = json!({"model": "big", "messages": [{"role": "user", "content": "go on"}],
@@ -454,26 +476,15 @@ async fn a_stream_cut_off_is_a_pending_record_until_it_is_in_the_ring() {
     };
     // The transport goes away without reading.
     drop(rx);
-    assert!(
-        log.hook.records_settled(Duration::from_secs(10)).await,
-        "{} records still pending",
-        log.hook.pending_records()
-    );
-    assert_eq!(log.hook.counters().submitted, 1, "the stream's record");
-    log.writer.shutdown().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    one_record_settles(log, &dir, "the stream's record").await;
 }
 
 /// A whole answer's request dropped while it waits (its connection was
 /// aborted) submits its record from the drop, and is pending until then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aborted_request_is_a_pending_record_until_its_drop_submits_it() {
-    let (app, dir) = bare_app("abort-ends").await;
-    let mut settings = config().audit;
-    settings.dir = dir.join("audit");
-    settings.key_file = dir.join("audit.key");
-    let log = bulkhead::serve::audit::open(&settings).unwrap();
-    let app = Arc::new(app.with_audit(log.hook.clone()));
+    let (app, log, dir) = audited_app("abort-ends").await;
+    let app = Arc::new(app);
     let body = json!({"model": "big", "messages": [{"role": "user", "content": "go on"}],
                       "max_tokens": 400, "seed": 3});
     let task = {
@@ -487,12 +498,5 @@ async fn an_aborted_request_is_a_pending_record_until_its_drop_submits_it() {
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
     task.abort();
-    assert!(
-        log.hook.records_settled(Duration::from_secs(10)).await,
-        "{} records still pending",
-        log.hook.pending_records()
-    );
-    assert_eq!(log.hook.counters().submitted, 1, "the request's record");
-    log.writer.shutdown().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    one_record_settles(log, &dir, "the request's record").await;
 }
