@@ -290,21 +290,8 @@ impl Front {
                 abort.abort();
             }
         }
-        // As `serve` does: the records of cut-off requests reach the ring first.
-        if !self
-            .audit
-            .hook
-            .records_settled(crate::serve::RECORDS_SETTLE_WAIT)
-            .await
-        {
-            tracing::warn!(
-                pending = self.audit.hook.pending_records(),
-                "bench: audit records still pending at shutdown"
-            );
-        }
-        let writer = self.audit.writer;
-        if let Ok(Err(err)) = tokio::task::spawn_blocking(move || writer.shutdown()).await {
-            tracing::warn!("closing the bench's audit log: {err}");
+        if let Err(err) = self.audit.close().await {
+            tracing::warn!("closing the bench's audit log: {err:#}");
         }
         drop(self.dir);
     }

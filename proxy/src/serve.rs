@@ -35,10 +35,6 @@ use std::{
     time::Duration,
 };
 
-/// How long a shutdown waits, after the listeners, for the records of
-/// requests they cut off to reach the ring (one may wait 2 s for room).
-pub const RECORDS_SETTLE_WAIT: Duration = Duration::from_secs(5);
-
 /// How to run `serve`.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -206,23 +202,7 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     tracing::info!("draining: no new connections; in-flight requests may finish");
     shutdown.trigger();
     let _ = tokio::join!(quic_task, tcp_task);
-    // The listeners are done, but a request's record may still be on its
-    // way: a stream's task submits it once it sees its client gone, an
-    // aborted request as the runtime drops it.
-    if !log.hook.records_settled(RECORDS_SETTLE_WAIT).await {
-        tracing::error!(
-            pending = log.hook.pending_records(),
-            "audit records still pending at shutdown are lost"
-        );
-    }
-    // Every request has ended: write what the ring holds, then stop.
-    let audit::AuditLog { writer, tail, .. } = log;
-    drop(tail);
-    tokio::task::spawn_blocking(move || writer.shutdown())
-        .await
-        .context("the audit writer's shutdown panicked")?
-        .context("closing the audit log")?;
-    Ok(())
+    log.close().await
 }
 
 /// Kernel enforcement as `[ebpf] mode` says, attached to this process's own

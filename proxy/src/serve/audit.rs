@@ -37,6 +37,32 @@ pub struct AuditLog {
     pub tail: Option<TailServer>,
 }
 
+/// How long [`AuditLog::close`] waits for the records of requests the
+/// listeners cut off to reach the ring (one may wait 2 s for room).
+pub const RECORDS_SETTLE_WAIT: Duration = Duration::from_secs(5);
+
+impl AuditLog {
+    /// Closes the log once the listeners have stopped: waits (up to
+    /// [`RECORDS_SETTLE_WAIT`]) for records still on their way (a stream's
+    /// task submits its record once it sees its client gone, an aborted
+    /// request as the runtime drops it), then writes what the ring holds
+    /// and stops the writer.
+    pub async fn close(self) -> anyhow::Result<()> {
+        if !self.hook.records_settled(RECORDS_SETTLE_WAIT).await {
+            tracing::error!(
+                pending = self.hook.pending_records(),
+                "audit records still pending at shutdown are lost"
+            );
+        }
+        let Self { writer, tail, .. } = self;
+        drop(tail);
+        tokio::task::spawn_blocking(move || writer.shutdown())
+            .await
+            .context("the audit writer's shutdown panicked")?
+            .context("closing the audit log")
+    }
+}
+
 /// Opens the log `settings` describe: reads the master key (creating one,
 /// 0600, where there is none yet), recovers every partition and starts the
 /// writer.
