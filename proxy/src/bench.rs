@@ -458,6 +458,15 @@ impl H3Client {
     }
 }
 
+/// A copy of a bodiless request (`http::Request` is not `Clone`).
+pub(crate) fn clone_request(r: &http::Request<()>) -> http::Request<()> {
+    let mut out = http::Request::new(());
+    out.method_mut().clone_from(r.method());
+    out.uri_mut().clone_from(r.uri());
+    out.headers_mut().clone_from(r.headers());
+    out
+}
+
 /// Sends `request` with `body` on a new stream of `send`; returns the
 /// response's status and the stream to read its body from.
 pub(crate) async fn post(

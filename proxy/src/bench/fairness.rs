@@ -12,8 +12,8 @@
 //! p99(A beside B, fair) ≤ 1.3 × p99(A alone).
 
 use super::{
-    Front, FrontOptions, H3Client, Rng, drain, float, ms, next_chunk, percentile, post, runtime,
-    sim_worker_args, verdict,
+    Front, FrontOptions, H3Client, Rng, clone_request, drain, float, ms, next_chunk, percentile,
+    post, runtime, sim_worker_args, verdict,
 };
 use crate::dispatch::QueuePolicy;
 use bytes::Bytes;
@@ -287,14 +287,6 @@ async fn one_run(
     b.conn.close(0u32.into(), b"done");
     front.stop().await;
     Ok(result)
-}
-
-fn clone_request(r: &http::Request<()>) -> http::Request<()> {
-    let mut out = http::Request::new(());
-    out.method_mut().clone_from(r.method());
-    out.uri_mut().clone_from(r.uri());
-    out.headers_mut().clone_from(r.headers());
-    out
 }
 
 fn report(

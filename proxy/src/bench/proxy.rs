@@ -20,7 +20,7 @@
 //! generator's.
 
 use super::{
-    Front, FrontOptions, H3Client, TempDir,
+    Front, FrontOptions, H3Client, TempDir, clone_request,
     cpu::{CpuSnapshot, CpuUse},
     drain, float, post, quic_client, sim_worker_args, us, verdict,
 };
@@ -200,7 +200,7 @@ async fn measure(
         let client = Arc::clone(&client);
         let window = opts.busy_poll;
         clients
-            .spawn(async move { added_latency(&client, link, latency_time, (&poll, window)).await })
+            .spawn(async move { added_latency(&client, link, latency_time, &poll, window).await })
             .await??
     };
     let tcp = tcp_handshakes(&front, clients, handshake_time).await?;
@@ -244,11 +244,8 @@ async fn throughput(
         let (done, failed) = (Arc::clone(&done), Arc::clone(&failed));
         tasks.push(clients.spawn(async move {
             while Instant::now() < end {
-                let mut r = http::Request::new(());
-                r.method_mut().clone_from(request.method());
-                r.uri_mut().clone_from(request.uri());
-                r.headers_mut().clone_from(request.headers());
                 let ok = async {
+                    let r = clone_request(&request);
                     let (status, mut stream) = post(&mut send, r, payload.clone()).await?;
                     drain(&mut stream).await?;
                     anyhow::Ok(status == http::StatusCode::OK)
@@ -289,16 +286,16 @@ async fn throughput(
 
 /// The same request through the proxy (busy polling off, then on) and
 /// directly to a worker, one at a time, interleaved in rounds so drift hits
-/// all alike. `poll` is the proxy runtime's busy poll and the window of its
+/// all alike. `poll` is the proxy runtime's busy poll, `window` that of its
 /// busy-polling rounds.
 async fn added_latency(
     client: &H3Client,
     mut link: WorkerLink,
     time: Duration,
-    poll: (&BusyPoll, Duration),
+    poll: &BusyPoll,
+    window: Duration,
 ) -> anyhow::Result<Latency> {
     const ROUND: usize = 50;
-    let (poll, window) = poll;
     let tokenizer = ByteTokenizer::new(&ModelConfig::tiny());
     // The chat template of the built-in model, as the API renders it.
     let prompt = tokenizer.encode(&format!("<|user|>\n{CONTENT}\n<|assistant|>\n"));
@@ -377,23 +374,19 @@ async fn through_proxy(
     send: &mut h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
     n: usize,
 ) -> anyhow::Result<ThroughProxy> {
-    let health = client.request("/healthz");
+    let mut health = client.request("/healthz");
+    *health.method_mut() = http::Method::GET;
     let request = client.request("/v1/chat/completions");
     let payload = body();
     let mut out = ThroughProxy::default();
     for _ in 0..n {
-        let mut r = http::Request::new(());
-        r.method_mut().clone_from(request.method());
-        r.uri_mut().clone_from(request.uri());
-        r.headers_mut().clone_from(request.headers());
+        let r = clone_request(&request);
         let t0 = Instant::now();
         let (status, mut stream) = post(send, r, payload.clone()).await?;
         drain(&mut stream).await?;
         out.completions.push(t0.elapsed());
         anyhow::ensure!(status == http::StatusCode::OK, "status {status}");
-        let mut r = http::Request::new(());
-        r.uri_mut().clone_from(health.uri());
-        r.headers_mut().clone_from(health.headers());
+        let r = clone_request(&health);
         let t0 = Instant::now();
         let mut stream = send.send_request(r).await?;
         stream.finish().await?;
