@@ -95,7 +95,8 @@ pub fn parse(kind: Kind, body: &[u8]) -> Result<CompletionRequest, BadRequest> {
         && let Ok(raw) = serde_json::from_slice::<Raw<Vec<PlainMessage<'_>>>>(body)
         && let Some(prompt) = raw.messages.as_deref().and_then(render_plain)
     {
-        return checked(kind, raw, prompt);
+        let model = checked_model(raw.model.as_ref())?.to_owned();
+        return checked(kind, raw, model, prompt);
     }
     parse_values(kind, body)
 }
@@ -108,7 +109,8 @@ fn parse_values(kind: Kind, body: &[u8]) -> Result<CompletionRequest, BadRequest
             None,
         )
     })?;
-    checked_model(raw.model.as_ref())?;
+    // The model's error comes before the prompt's.
+    let model = checked_model(raw.model.as_ref())?.to_owned();
     let prompt = match kind {
         Kind::Chat => render_chat(raw.messages.as_ref())?,
         Kind::Text => match &raw.prompt {
@@ -125,7 +127,7 @@ fn parse_values(kind: Kind, body: &[u8]) -> Result<CompletionRequest, BadRequest
             None => return Err(bad("you must provide a prompt", Some("prompt"))),
         },
     };
-    checked(kind, raw, prompt)
+    checked(kind, raw, model, prompt)
 }
 
 /// The model's error, if it is not a non-empty string.
@@ -169,10 +171,14 @@ fn push_turn(out: &mut String, role: &str, content: &str) {
     out.push('\n');
 }
 
-/// Checks the fields besides the prompt (already rendered) and the model
-/// (checked first, as [`parse_values`] does).
-fn checked<M>(kind: Kind, raw: Raw<M>, prompt: String) -> Result<CompletionRequest, BadRequest> {
-    let model = checked_model(raw.model.as_ref())?.to_owned();
+/// Checks the fields besides the model and the prompt (both checked
+/// already, the model first).
+fn checked<M>(
+    kind: Kind,
+    raw: Raw<M>,
+    model: String,
+    prompt: String,
+) -> Result<CompletionRequest, BadRequest> {
     if let Some(n) = raw.n
         && n != 1
     {
