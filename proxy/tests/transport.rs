@@ -347,6 +347,16 @@ enum TcpClient {
 
 impl TcpClient {
     async fn connect(fx: &Fixture, identity: Identity<'_>, version: Tcp) -> anyhow::Result<Self> {
+        Ok(Self::connect_held(fx, identity, version).await?.0)
+    }
+
+    /// Also hands back the task that drives the connection: aborting it
+    /// closes the connection.
+    async fn connect_held(
+        fx: &Fixture,
+        identity: Identity<'_>,
+        version: Tcp,
+    ) -> anyhow::Result<(Self, JoinHandle<()>)> {
         let alpn: &[&[u8]] = match version {
             Tcp::H1 => &[b"http/1.1"],
             Tcp::H2 => &[b"h2"],
@@ -355,14 +365,14 @@ impl TcpClient {
         Ok(match version {
             Tcp::H1 => {
                 let (send, conn) = hyper::client::conn::http1::handshake(io).await?;
-                tokio::spawn(conn);
-                Self::H1(send)
+                let driver = tokio::spawn(async move { drop(conn.await) });
+                (Self::H1(send), driver)
             }
             Tcp::H2 => {
                 let (send, conn) =
                     hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
-                tokio::spawn(conn);
-                Self::H2(send)
+                let driver = tokio::spawn(async move { drop(conn.await) });
+                (Self::H2(send), driver)
             }
         })
     }
@@ -826,6 +836,53 @@ async fn a_client_gone_before_a_whole_answer_drops_its_handler() {
     .await;
     h3.conn.close(0u32.into(), b"bye");
     within("h3 connection closed: the handler is dropped", dropped).await;
+}
+
+/// The same over TLS/TCP: a client that closes its connection (HTTP/1.1,
+/// h2) or resets its stream (h2) while its whole answer is being computed.
+#[tokio::test]
+async fn a_tcp_client_gone_before_a_whole_answer_drops_its_handler() {
+    let fx = start(limits()).await;
+    let slow_seen = || {
+        fx.handler
+            .seen()
+            .iter()
+            .filter(|s| s.path == "/slow")
+            .count()
+    };
+    for (version, close_connection) in [(Tcp::H1, true), (Tcp::H2, true), (Tcp::H2, false)] {
+        let case = format!("{version:?}, closing the connection: {close_connection}");
+        let (mut client, driver) = TcpClient::connect_held(&fx, Identity::Tenant("acme"), version)
+            .await
+            .unwrap();
+        let before = slow_seen();
+        let dropped = fx.handler.slow_dropped.notified();
+        let fx_tcp = fx.tcp;
+        let request = tokio::spawn(async move {
+            let request = Request::post(format!("https://localhost:{}/slow", fx_tcp.port()))
+                .header(http::header::HOST, format!("localhost:{}", fx_tcp.port()))
+                .body(TestBody::sized("{}"))
+                .unwrap();
+            match &mut client {
+                TcpClient::H1(send) => drop(send.send_request(request).await),
+                TcpClient::H2(send) => drop(send.send_request(request).await),
+            }
+        });
+        within(&format!("{case}: the handler sees the request"), async {
+            while slow_seen() == before {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        // Dropping the response future resets the h2 stream; aborting the
+        // driver drops the connection.
+        request.abort();
+        if close_connection {
+            driver.abort();
+        }
+        within(&format!("{case}: the handler is dropped"), dropped).await;
+        driver.abort();
+    }
 }
 
 #[tokio::test]
