@@ -142,6 +142,13 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     };
     let log = audit::open(&config.audit)?;
     tracing::info!("audit log in {}", config.audit.dir.display());
+    if config.cluster.host_share < 1.0 {
+        tracing::info!(
+            "tenants' rates, bursts and concurrency caps here are this host's share ({}) \
+             of the fleet's ([cluster] host_share)",
+            config.cluster.host_share
+        );
+    }
     let mut app = App::new(config.clone(), dispatcher, Arc::new(Metrics::default()))?
         .with_audit(log.hook.clone());
     if let (Some(plane), Some(flows)) = (&plane, &flows) {

@@ -26,9 +26,12 @@ fn tenants(host: &Host, socket: &str, extra: &[&str]) -> (bool, String, String) 
 
 #[test]
 fn tenants_lists_what_the_running_serve_serves() {
+    // This host is half the fleet: it enforces half of each tenant's limits.
     let host = start(
         "tenants-cli",
-        &(tenant("acme", "sk-acme", 5.0) + &tenant("globex", "sk-globex", 20.0)),
+        &(tenant("acme", "sk-acme", 5.0)
+            + &tenant("globex", "sk-globex", 20.0)
+            + "[cluster]\nhost_share = 0.5\n"),
     );
     // The table once the worker is up.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -51,15 +54,23 @@ fn tenants_lists_what_the_running_serve_serves() {
             .collect()
     };
     // tenant, weight, isolation, req/s, tokens/min, concurrent, KV blocks, models
-    assert_eq!(row("acme")[..4], ["acme", "1", "shared", "5.0"], "{table}");
-    assert_eq!(row("globex")[3], "20.0", "{table}");
+    assert_eq!(row("acme")[..4], ["acme", "1", "shared", "2.5"], "{table}");
+    assert_eq!(row("globex")[3], "10.0", "{table}");
     assert_eq!(row("acme")[7], "tiny", "{table}");
-    assert_eq!(lines.last().copied(), Some("workers: 1 (1 alive)"));
+    assert_eq!(
+        lines[lines.len() - 2..],
+        [
+            "workers: 1 (1 alive)",
+            "limits: this host's share (0.5) of the fleet's ([cluster] host_share)"
+        ]
+    );
 
     let (ok, json, err) = tenants(&host, "admin.sock", &["--json"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["tenants"].as_array().unwrap().len(), 2);
+    assert_eq!(v["host_share"], 0.5);
+    assert_eq!(v["tenants"][0]["requests_per_second"], 2.5);
     assert_eq!(v["workers"][0]["alive"], true);
 
     // A wrong endpoint is named, and nothing is printed.

@@ -49,6 +49,8 @@ pub struct Config {
     pub ebpf: EbpfSettings,
     /// The audit log.
     pub audit: AuditSettings,
+    /// This host's place in a fleet of hosts.
+    pub cluster: Cluster,
     /// Models this host serves, in file order; names are unique.
     pub models: Vec<ModelSpec>,
     /// Tenants, in file order; ids are unique and there is at least one.
@@ -167,6 +169,49 @@ pub struct AuditSettings {
     pub tail_socket: Option<PathBuf>,
 }
 
+/// `[cluster]`: this host among the hosts an L4 balancer spreads tenants over.
+///
+/// The tenants' rates, bursts and concurrency caps in the file are the
+/// fleet's; this host enforces its [`host_share`](Self::host_share) of each
+/// (already applied to every [`TenantPolicy`] of a validated [`Config`]), so
+/// a tenant spread over N hosts of share 1/N gets its limits once in total,
+/// not N times. Per-request caps and the KV quota (a share of this host's
+/// own pool) are not split.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Cluster {
+    /// This host's share of every tenant's limits, in (0, 1] (default 1: one host).
+    pub host_share: f64,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self { host_share: 1.0 }
+    }
+}
+
+impl Cluster {
+    /// `fleet` (a rate or a count) on this host: its share, rounded up, at
+    /// least 1, so no tenant is locked out of a host by rounding.
+    #[must_use]
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )] // the share is in (0, 1]: the result is in 1..=fleet
+    pub fn split(&self, fleet: u64) -> u64 {
+        if self.host_share >= 1.0 {
+            return fleet;
+        }
+        ((fleet as f64 * self.host_share).ceil() as u64).clamp(1, fleet.max(1))
+    }
+
+    /// [`split`](Self::split) for a `u32`.
+    #[must_use]
+    pub fn split_u32(&self, fleet: u32) -> u32 {
+        u32::try_from(self.split(u64::from(fleet))).unwrap_or(fleet)
+    }
+}
+
 /// Whether kernel enforcement is required, attempted, or off.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -219,6 +264,8 @@ pub struct TenantPolicy {
     /// Largest prompt in bytes (default 1 MiB).
     pub max_prompt_bytes: u64,
     /// Sustained request rate (default 10.0); finite and at least 0.001.
+    /// This host's share (see [`Cluster`]), as are the burst, the token
+    /// budget, the concurrency caps and the kernel budgets below.
     pub requests_per_second: f64,
     /// Requests admitted at once above the sustained rate (default 20).
     pub request_burst: u32,

@@ -414,3 +414,69 @@ fn audit_settings_out_of_range_are_each_named() {
         ]
     );
 }
+
+/// The file of `tenants` with a `[cluster]` table after them, and the line
+/// of `[cluster]` (its first key is on the next).
+fn with_cluster(tenants: &str, cluster: &str) -> (String, usize) {
+    let src = with_tenants(tenants);
+    let line = src.lines().count() + 2;
+    (format!("{src}\n[cluster]\n{cluster}"), line)
+}
+
+#[test]
+fn host_share_must_be_a_share_of_one() {
+    for (value, shown) in [
+        ("0", "0"),
+        ("1.5", "1.5"),
+        ("-0.25", "-0.25"),
+        ("nan", "NaN"),
+        ("inf", "inf"),
+    ] {
+        let (src, line) = with_cluster(ALICE, &format!("host_share = {value}\n"));
+        assert_eq!(
+            problem(&src),
+            format!(
+                "cluster.host_share (line {}): host_share must be a number greater than 0 and \
+                 at most 1 (this host's share of every tenant's limits), got {shown}",
+                line + 1
+            )
+        );
+    }
+    let (src, line) = with_cluster(ALICE, "host_share = \"half\"\n");
+    assert_eq!(
+        problem(&src),
+        format!(
+            "cluster.host_share (line {}): invalid type: string \"half\", expected f64",
+            line + 1
+        )
+    );
+    let (src, line) = with_cluster(ALICE, "hosts = 4\n");
+    assert_eq!(
+        problem(&src),
+        format!(
+            "cluster.hosts (line {}): unknown field `hosts`, expected `host_share`",
+            line + 1
+        )
+    );
+}
+
+#[test]
+fn a_hosts_share_too_small_for_a_tenants_limits_is_named_with_the_share() {
+    let tenant = format!(
+        "{ALICE}max_tokens_per_request = 4096\ntokens_per_minute = 10000\n\
+         requests_per_second = 0.002\n"
+    );
+    let (src, _) = with_cluster(&tenant, "host_share = 0.25\n");
+    assert_eq!(
+        problems(&src),
+        [
+            "tenants[0].max_tokens_per_request (line 23): max_tokens_per_request (4096) exceeds \
+             this host's share of tokens_per_minute (10000 x cluster.host_share 0.25 = 2500); \
+             a request that large could never be admitted",
+            "tenants[0].requests_per_second (line 25): this host's share of requests_per_second \
+             (0.002 x cluster.host_share 0.25 = 0.0005) is below the minimum 0.001",
+        ]
+    );
+    // The same tenant on a host that is the whole fleet is valid.
+    assert!(Config::from_toml_str(&with_tenants(&tenant)).is_ok());
+}

@@ -273,7 +273,11 @@ async fn answer(
                     })
                 })
                 .collect();
-            json(StatusCode::OK, json!({ "tenants": tenants }))
+            // The limits are this host's share of the fleet's (`[cluster]`).
+            json(
+                StatusCode::OK,
+                json!({ "host_share": config.cluster.host_share, "tenants": tenants }),
+            )
         }
         (&Method::GET, "/workers") => {
             let workers: Vec<_> = app
@@ -417,7 +421,11 @@ pub async fn tenants_report(endpoint: &AdminEndpoint, json: bool) -> anyhow::Res
     if json {
         return Ok(format!(
             "{}\n",
-            json!({"tenants": tenants["tenants"], "workers": workers["workers"]})
+            json!({
+                "host_share": tenants["host_share"],
+                "tenants": tenants["tenants"],
+                "workers": workers["workers"],
+            })
         ));
     }
     Ok(render_tenants(&tenants, &workers))
@@ -461,5 +469,13 @@ fn render_tenants(tenants: &serde_json::Value, workers: &serde_json::Value) -> S
     }
     let alive = workers.iter().filter(|w| w["alive"] == true).count();
     let _ = writeln!(out, "workers: {} ({alive} alive)", workers.len());
+    if let Some(share) = tenants["host_share"].as_f64()
+        && share < 1.0
+    {
+        let _ = writeln!(
+            out,
+            "limits: this host's share ({share}) of the fleet's ([cluster] host_share)"
+        );
+    }
     out
 }

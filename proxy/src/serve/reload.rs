@@ -48,12 +48,14 @@ pub enum ReloadError {
 }
 
 /// What an applied reload changed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ReloadReport {
     /// Tenants added, removed and changed.
     pub tenants: TenantChanges,
     /// Kernel slots written, when kernel enforcement is on.
     pub kernel_slots: Option<u32>,
+    /// This host's share of the tenants' limits (`[cluster] host_share`), now.
+    pub host_share: f64,
 }
 
 impl ReloadReport {
@@ -68,6 +70,7 @@ impl ReloadReport {
             },
             "tls": "reloaded",
             "kernel_slots": self.kernel_slots,
+            "host_share": self.host_share,
         })
     }
 }
@@ -125,6 +128,7 @@ impl Reloader {
             Some(flows) => Some(flows.apply_config(&next)?.tenants),
             None => None,
         };
+        let host_share = next.cluster.host_share;
         let tenants = match self.app.reload(next) {
             Ok(changes) => changes,
             Err(err) => {
@@ -145,6 +149,7 @@ impl Reloader {
         Ok(ReloadReport {
             tenants,
             kernel_slots,
+            host_share,
         })
     }
 
@@ -155,6 +160,7 @@ impl Reloader {
                 added = ?names(&report.tenants.added),
                 removed = ?names(&report.tenants.removed),
                 changed = ?names(&report.tenants.changed),
+                host_share = report.host_share,
                 "config reloaded"
             ),
             Err(err) => tracing::error!("config reload refused, nothing changed: {err}"),

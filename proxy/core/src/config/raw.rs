@@ -16,7 +16,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 pub(super) const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
 
 /// Top-level keys, in the order the docs present them.
-const TOP_LEVEL_KEYS: [&str; 9] = [
+const TOP_LEVEL_KEYS: [&str; 10] = [
     "trust_domain",
     "listeners",
     "tls",
@@ -24,6 +24,7 @@ const TOP_LEVEL_KEYS: [&str; 9] = [
     "scheduler",
     "ebpf",
     "audit",
+    "cluster",
     "models",
     "tenants",
 ];
@@ -38,6 +39,7 @@ pub(super) struct RawConfig {
     pub scheduler: Option<RawScheduler>,
     pub ebpf: Option<RawEbpf>,
     pub audit: Option<RawAudit>,
+    pub cluster: Option<RawCluster>,
     /// One entry per `[[models]]` table; `None` for one that failed to deserialize.
     pub models: Option<Vec<Option<RawModel>>>,
     /// One entry per `[[tenants]]` table; `None` for one that failed to deserialize.
@@ -67,6 +69,26 @@ impl Default for RawListeners {
             metrics: None,
         }
     }
+}
+
+/// `[cluster]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [cluster] table")]
+pub(super) struct RawCluster {
+    #[serde(default = "one_f64")]
+    pub host_share: f64,
+}
+
+impl Default for RawCluster {
+    fn default() -> Self {
+        Self {
+            host_share: one_f64(),
+        }
+    }
+}
+
+const fn one_f64() -> f64 {
+    1.0
 }
 
 /// `[tls]`.
@@ -327,6 +349,7 @@ impl RawConfig {
                 "scheduler" => raw.scheduler = section(value, name, map, errors),
                 "ebpf" => raw.ebpf = section(value, name, map, errors),
                 "audit" => raw.audit = section(value, name, map, errors),
+                "cluster" => raw.cluster = section(value, name, map, errors),
                 "models" => raw.models = array_of_tables(value, name, map, errors),
                 "tenants" => raw.tenants = array_of_tables(value, name, map, errors),
                 _ => {

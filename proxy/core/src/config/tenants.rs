@@ -2,7 +2,7 @@
 
 use super::raw::{RawKernel, RawTenant};
 use super::validate::Checker;
-use super::{KernelLimits, MAX_PACKET_BYTES, MIN_REQUESTS_PER_SECOND, TenantPolicy};
+use super::{Cluster, KernelLimits, MAX_PACKET_BYTES, MIN_REQUESTS_PER_SECOND, TenantPolicy};
 use crate::TenantId;
 use crate::identity::ApiKeyHash;
 use std::collections::HashMap;
@@ -14,6 +14,8 @@ pub(super) struct Context<'a> {
     pub pool_blocks: Option<u32>,
     /// Names of all `[[models]]`, for `allowed_models`.
     pub model_names: Option<&'a [String]>,
+    /// This host's share of the fleet-wide limits.
+    pub cluster: Cluster,
 }
 
 /// Where an id or a key digest was first seen.
@@ -66,15 +68,28 @@ fn policy(
     let allowed_models = allowed_models(c, base, raw.allowed_models, cx);
     let max_tokens = c.positive_u32(base, "max_tokens_per_request", raw.max_tokens_per_request);
     let max_prompt_bytes = c.positive_u64(base, "max_prompt_bytes", raw.max_prompt_bytes);
-    let requests_per_second = requests_per_second(c, base, raw.requests_per_second);
-    let request_burst = c.positive_u32(base, "request_burst", raw.request_burst);
-    let tokens_per_minute = c.positive_u64(base, "tokens_per_minute", raw.tokens_per_minute);
+    let split = cx.cluster;
+    let requests_per_second = requests_per_second(c, base, raw.requests_per_second, split);
+    let request_burst = c
+        .positive_u32(base, "request_burst", raw.request_burst)
+        .map(|b| split.split_u32(b));
+    let tokens_per_minute = c
+        .positive_u64(base, "tokens_per_minute", raw.tokens_per_minute)
+        .map(|t| split.split(t));
     let tokens_fit = match (max_tokens, tokens_per_minute) {
         (Some(max), Some(per_minute)) if u64::from(max) > per_minute => {
+            let budget = if split.host_share < 1.0 {
+                format!(
+                    "this host's share of tokens_per_minute ({} x cluster.host_share {} = {per_minute})",
+                    raw.tokens_per_minute, split.host_share
+                )
+            } else {
+                format!("tokens_per_minute ({per_minute})")
+            };
             c.report(
                 format!("{base}.max_tokens_per_request"),
                 format!(
-                    "max_tokens_per_request ({max}) exceeds tokens_per_minute ({per_minute}); \
+                    "max_tokens_per_request ({max}) exceeds {budget}; \
                      a request that large could never be admitted"
                 ),
             );
@@ -82,11 +97,20 @@ fn policy(
         }
         _ => true,
     };
-    let max_concurrent =
-        c.positive_u32(base, "max_concurrent_requests", raw.max_concurrent_requests);
-    let max_queued = c.positive_u32(base, "max_queued_requests", raw.max_queued_requests);
+    let max_concurrent = c
+        .positive_u32(base, "max_concurrent_requests", raw.max_concurrent_requests)
+        .map(|n| split.split_u32(n));
+    let max_queued = c
+        .positive_u32(base, "max_queued_requests", raw.max_queued_requests)
+        .map(|n| split.split_u32(n));
     let kv_block_quota = kv_block_quota(c, base, raw.kv_block_quota, cx.pool_blocks);
-    let kernel = kernel_limits(c, base, &raw.kernel);
+    let kernel = kernel_limits(c, base, &raw.kernel).map(|k| KernelLimits {
+        packets_per_second: split.split(k.packets_per_second),
+        packet_burst: split.split(k.packet_burst),
+        bytes_per_second: split.split(k.bytes_per_second),
+        // Still room for one packet of the largest size.
+        byte_burst: split.split(k.byte_burst).max(MAX_PACKET_BYTES),
+    });
     let api_key_sha256 = api_keys(c, base, i, &raw.id, &raw.api_key_sha256, seen);
     Some(TenantPolicy {
         id: id?,
@@ -172,7 +196,13 @@ fn allowed_models(
     ok.then_some(models)
 }
 
-fn requests_per_second(c: &mut Checker<'_>, base: &str, value: f64) -> Option<f64> {
+/// The rate as written, checked, then this host's share of it.
+fn requests_per_second(
+    c: &mut Checker<'_>,
+    base: &str,
+    value: f64,
+    cluster: Cluster,
+) -> Option<f64> {
     let path = format!("{base}.requests_per_second");
     if !value.is_finite() || value <= 0.0 {
         c.report(
@@ -186,8 +216,19 @@ fn requests_per_second(c: &mut Checker<'_>, base: &str, value: f64) -> Option<f6
             format!("requests_per_second must be at least {MIN_REQUESTS_PER_SECOND}, got {value}"),
         );
         None
+    } else if value * cluster.host_share < MIN_REQUESTS_PER_SECOND {
+        let share = cluster.host_share;
+        let here = value * share;
+        c.report(
+            path,
+            format!(
+                "this host's share of requests_per_second ({value} x cluster.host_share \
+                 {share} = {here}) is below the minimum {MIN_REQUESTS_PER_SECOND}"
+            ),
+        );
+        None
     } else {
-        Some(value)
+        Some(value * cluster.host_share)
     }
 }
 

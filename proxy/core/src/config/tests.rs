@@ -207,3 +207,76 @@ fn errors_display_one_per_line() {
     ]);
     assert_eq!(errors.to_string(), "a (line 3): x\nline 4: y\nb: z");
 }
+
+#[test]
+fn a_host_enforces_its_share_of_each_tenants_fleet_limits() {
+    let tenant = "kv_block_quota = 512\nmax_tokens_per_request = 1000\nmax_prompt_bytes = 4096\n\
+                  requests_per_second = 20.0\nrequest_burst = 40\ntokens_per_minute = 400000\n\
+                  max_concurrent_requests = 16\nmax_queued_requests = 128\n\
+                  [tenants.kernel]\npackets_per_second = 20000\npacket_burst = 2000\n\
+                  bytes_per_second = 25000000\nbyte_burst = 2097152\n";
+    let fleet = MINIMAL.replace("kv_block_quota = 512\n", tenant);
+    let whole = Config::from_toml_str(&fleet).unwrap();
+    assert_eq!(whole.cluster, Cluster { host_share: 1.0 });
+    let quarter =
+        Config::from_toml_str(&format!("{fleet}\n[cluster]\nhost_share = 0.25\n")).unwrap();
+    assert_eq!(quarter.cluster, Cluster { host_share: 0.25 });
+    let (w, q) = (&whole.tenants[0], &quarter.tenants[0]);
+    assert!((w.requests_per_second - 20.0).abs() < f64::EPSILON);
+    assert!((q.requests_per_second - 5.0).abs() < f64::EPSILON);
+    assert_eq!((w.request_burst, q.request_burst), (40, 10));
+    assert_eq!(
+        (w.tokens_per_minute, q.tokens_per_minute),
+        (400_000, 100_000)
+    );
+    assert_eq!(
+        (w.max_concurrent_requests, q.max_concurrent_requests),
+        (16, 4)
+    );
+    assert_eq!((w.max_queued_requests, q.max_queued_requests), (128, 32));
+    assert_eq!(
+        q.kernel,
+        KernelLimits {
+            packets_per_second: 5000,
+            packet_burst: 500,
+            bytes_per_second: 6_250_000,
+            byte_burst: 524_288,
+        }
+    );
+    // Per-request caps and the share of this host's own KV pool are not split.
+    assert_eq!(q.max_tokens_per_request, 1000);
+    assert_eq!(q.max_prompt_bytes, 4096);
+    assert_eq!(q.kv_block_quota, 512);
+    assert_eq!(
+        TenantPolicy {
+            requests_per_second: w.requests_per_second,
+            request_burst: w.request_burst,
+            tokens_per_minute: w.tokens_per_minute,
+            max_concurrent_requests: w.max_concurrent_requests,
+            max_queued_requests: w.max_queued_requests,
+            kernel: w.kernel,
+            ..q.clone()
+        },
+        *w,
+        "nothing else differs"
+    );
+}
+
+#[test]
+fn a_split_rounds_up_to_at_least_one_and_keeps_room_for_a_packet() {
+    let third = Cluster { host_share: 0.3 };
+    assert_eq!(third.split(5), 2, "1.5 rounds up");
+    assert_eq!(third.split(10), 3);
+    assert_eq!(Cluster { host_share: 0.01 }.split(8), 1, "never 0");
+    assert_eq!(Cluster::default().split(u64::MAX), u64::MAX);
+    assert_eq!(
+        Cluster { host_share: 0.5 }.split_u32(u32::MAX),
+        2_147_483_648
+    );
+    let src = MINIMAL.replace(
+        "kv_block_quota = 512\n",
+        "kv_block_quota = 512\n[tenants.kernel]\nbyte_burst = 65535\n",
+    );
+    let config = Config::from_toml_str(&format!("{src}\n[cluster]\nhost_share = 0.5\n")).unwrap();
+    assert_eq!(config.tenants[0].kernel.byte_burst, MAX_PACKET_BYTES);
+}

@@ -1,12 +1,12 @@
 //! Validation of the host-wide sections: raw serde structs in, typed [`Config`] or every problem out.
 
 use super::raw::{
-    RawAudit, RawConfig, RawEbpf, RawKv, RawListeners, RawModel, RawScheduler, RawTls,
+    RawAudit, RawCluster, RawConfig, RawEbpf, RawKv, RawListeners, RawModel, RawScheduler, RawTls,
 };
 use super::source::SourceMap;
 use super::tenants;
 use super::{
-    AdminEndpoint, AuditSettings, Config, ConfigError, ConfigErrors, EbpfSettings, KvPool,
+    AdminEndpoint, AuditSettings, Cluster, Config, ConfigError, ConfigErrors, EbpfSettings, KvPool,
     Listeners, ModelSpec, Scheduler, TlsPaths,
 };
 use crate::identity::TrustDomain;
@@ -104,6 +104,7 @@ pub(super) fn validate(
     let scheduler = scheduler(&mut c, &raw.scheduler.unwrap_or_default());
     let ebpf = ebpf(&mut c, &raw.ebpf.unwrap_or_default());
     let audit = audit(&mut c, raw.audit.unwrap_or_default());
+    let cluster = cluster(&mut c, &raw.cluster.unwrap_or_default());
     // Tenants are checked against the model names only if every model could be read.
     let model_names: Option<Vec<String>> = raw.models.as_ref().and_then(|models| {
         models
@@ -121,6 +122,8 @@ pub(super) fn validate(
             let context = tenants::Context {
                 pool_blocks: kv.map(|kv| kv.pool_blocks),
                 model_names: model_names.as_deref(),
+                // A broken share is reported; the tenants are still checked, as written.
+                cluster: cluster.unwrap_or_default(),
             };
             tenants::tenants(&mut c, raw_tenants, &context)
         }
@@ -137,6 +140,7 @@ pub(super) fn validate(
         Some(scheduler),
         Some(ebpf),
         Some(audit),
+        Some(cluster),
         Some(models),
         Some(tenants),
     ) = (
@@ -147,6 +151,7 @@ pub(super) fn validate(
         scheduler,
         ebpf,
         audit,
+        cluster,
         models,
         tenants,
     ) && errors.is_empty()
@@ -159,6 +164,7 @@ pub(super) fn validate(
             scheduler,
             ebpf,
             audit,
+            cluster,
             models,
             tenants,
         });
@@ -194,6 +200,22 @@ fn missing<T>(c: &mut Checker<'_>, path: &str, message: &str) -> Option<T> {
 fn empty<T>(c: &mut Checker<'_>, path: &str, message: &str) -> Option<T> {
     c.report(path.to_owned(), message.to_owned());
     None
+}
+
+fn cluster(c: &mut Checker<'_>, raw: &RawCluster) -> Option<Cluster> {
+    let share = raw.host_share;
+    if share.is_finite() && share > 0.0 && share <= 1.0 {
+        Some(Cluster { host_share: share })
+    } else {
+        c.report(
+            "cluster.host_share".to_owned(),
+            format!(
+                "host_share must be a number greater than 0 and at most 1 \
+                 (this host's share of every tenant's limits), got {share}"
+            ),
+        );
+        None
+    }
 }
 
 fn trust_domain(c: &mut Checker<'_>, td: &str) -> Option<TrustDomain> {
