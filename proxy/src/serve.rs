@@ -24,6 +24,7 @@ use crate::{
     tls::ServerTls,
     transport::{
         FlowRegistry, QuicServer, Shutdown, TcpServer, TenantConnections, TransportLimits,
+        quic_lb::LbConfig,
     },
 };
 use anyhow::Context as _;
@@ -79,6 +80,25 @@ pub struct Bound {
     pub tcp: SocketAddr,
 }
 
+/// This host in its fleet (`[cluster]`), logged: the QUIC-LB configuration
+/// of its connection ids (its key read), if any.
+fn cluster_setup(config: &Config) -> anyhow::Result<Option<Arc<LbConfig>>> {
+    let cluster = &config.cluster;
+    if cluster.host_share < 1.0 {
+        tracing::info!(
+            "tenants' rates, bursts and concurrency caps here are this host's share ({}) \
+             of the fleet's ([cluster] host_share)",
+            cluster.host_share
+        );
+    }
+    let Some(settings) = &cluster.quic_lb else {
+        return Ok(None);
+    };
+    let lb = LbConfig::load(settings)?;
+    tracing::info!("QUIC connection ids carry this host's server id (QUIC-LB): {lb:?}");
+    Ok(Some(Arc::new(lb)))
+}
+
 /// Logs the bound addresses, then prints them on one machine-readable line
 /// for scripts and tests that bind port 0.
 #[expect(
@@ -120,6 +140,7 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let config = Config::from_path(&opts.config)
         .with_context(|| format!("config {}", opts.config.display()))?;
     let tls = ServerTls::from_paths(&config.tls)?;
+    let quic_lb = cluster_setup(&config)?;
     prepare_runtime_dir(&opts.runtime_dir)?;
     let gpu = bulkhead_kernels::cuda::available();
     let specs = plan::plan_workers(&config, &opts.runtime_dir, gpu);
@@ -142,13 +163,6 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     };
     let log = audit::open(&config.audit)?;
     tracing::info!("audit log in {}", config.audit.dir.display());
-    if config.cluster.host_share < 1.0 {
-        tracing::info!(
-            "tenants' rates, bursts and concurrency caps here are this host's share ({}) \
-             of the fleet's ([cluster] host_share)",
-            config.cluster.host_share
-        );
-    }
     let mut app = App::new(config.clone(), dispatcher, Arc::new(Metrics::default()))?
         .with_audit(log.hook.clone());
     if let (Some(plane), Some(flows)) = (&plane, &flows) {
@@ -160,7 +174,8 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
         ));
     }
     let app = Arc::new(app);
-    let mut quic = QuicServer::bind(quic_addr, tls.quic.clone(), domain.clone(), limits)?;
+    let mut quic =
+        QuicServer::bind_routable(quic_addr, tls.quic.clone(), domain.clone(), limits, quic_lb)?;
     let quic_port = quic.local_addr()?.port();
     let mut tcp = TcpServer::bind(tcp_addr, tls.tcp.clone(), domain, limits)
         .await

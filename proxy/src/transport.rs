@@ -14,6 +14,7 @@
 
 pub mod flows;
 pub mod quic;
+pub mod quic_lb;
 pub mod tcp;
 
 use crate::front::{ApiResponse, ResponseBody};

@@ -10,7 +10,7 @@ use bulkhead::front::{ApiRequest, ApiResponse, Handler, Protocol, ResponseBody};
 use bulkhead::tls::{QUIC_ALPN, ServerTls, TCP_ALPN};
 use bulkhead::transport::{
     FlowRegistry, FlowTransport, QuicServer, Shutdown, TcpServer, TenantConnections,
-    TransportLimits, quic::QuicCounters,
+    TransportLimits, quic::QuicCounters, quic_lb::LbConfig,
 };
 use bulkhead_core::TenantId;
 use bulkhead_core::config::TlsPaths;
@@ -170,10 +170,15 @@ fn tenant(name: &str) -> TenantId {
 }
 
 async fn start(limits: TransportLimits) -> Fixture {
-    start_with(limits, None).await
+    start_with(limits, None, None).await
 }
 
-async fn start_with(limits: TransportLimits, flows: Option<Arc<dyn FlowRegistry>>) -> Fixture {
+/// [`start`] with kernel flows, and routable (QUIC-LB) connection ids.
+async fn start_with(
+    limits: TransportLimits,
+    flows: Option<Arc<dyn FlowRegistry>>,
+    lb: Option<Arc<LbConfig>>,
+) -> Fixture {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "bulkhead-transport-{}-{}",
@@ -192,7 +197,7 @@ async fn start_with(limits: TransportLimits, flows: Option<Arc<dyn FlowRegistry>
     .unwrap();
     let any_port: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let connections = TenantConnections::new(limits.max_connections_per_tenant);
-    let quic = QuicServer::bind(any_port, tls.quic, domain.clone(), limits)
+    let quic = QuicServer::bind_routable(any_port, tls.quic, domain.clone(), limits, lb)
         .unwrap()
         .with_connections(Arc::clone(&connections));
     let quic_addr = quic.local_addr().unwrap();
@@ -885,6 +890,134 @@ async fn a_tcp_client_gone_before_a_whole_answer_drops_its_handler() {
     }
 }
 
+/// Per datagram from a client: its source and its first packet's DCID.
+type Sightings = Vec<(SocketAddr, Vec<u8>)>;
+
+/// The destination connection ids a client sends, seen by a UDP relay
+/// between it and the server, as a load balancer would see them.
+struct Relay {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Sightings>>,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    /// Relays between clients and `server`; short-header ids are `cid_len` long.
+    async fn start(server: SocketAddr, cid_len: usize) -> Self {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            let mut client = None;
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                    return;
+                };
+                let packet = &buf[..n];
+                if from == server {
+                    if let Some(to) = client {
+                        let _ = socket.send_to(packet, to).await;
+                    }
+                    continue;
+                }
+                client = Some(from);
+                // Long header: flags, version (4), DCID length, DCID. Short: flags, DCID.
+                let dcid = if packet[0] & 0x80 != 0 {
+                    packet.get(6..6 + usize::from(packet[5]))
+                } else {
+                    packet.get(1..=cid_len)
+                };
+                log.lock()
+                    .unwrap()
+                    .push((from, dcid.unwrap_or_default().to_vec()));
+                let _ = socket.send_to(packet, server).await;
+            }
+        });
+        Self { addr, seen, task }
+    }
+
+    fn seen(&self) -> Sightings {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Connects through `relay`, moves the client to a new address, and
+/// returns every destination id the client sent after its first (which it
+/// chose itself), and how many client addresses were seen.
+async fn ids_through(fx: &Fixture, relay: &Relay) -> (Vec<Vec<u8>>, usize) {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls(
+        fx,
+        Identity::Tenant("acme"),
+        &QUIC_ALPN,
+    ))
+    .unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = within("handshake through the relay", async {
+        endpoint.connect(relay.addr, "localhost").unwrap().await
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // NAT rebinding: the same connection from another address and port.
+    endpoint
+        .rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    // Traffic on the new path: a stream the server's HTTP/3 reads as a request.
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(b"\x01\x00").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    conn.close(0u32.into(), b"done");
+    let seen = relay.seen();
+    let first = seen[0].1.clone();
+    let addresses: std::collections::HashSet<_> = seen.iter().map(|(from, _)| *from).collect();
+    let ids = seen
+        .into_iter()
+        .map(|(_, id)| id)
+        .filter(|id| *id != first)
+        .collect();
+    (ids, addresses.len())
+}
+
+/// With `[cluster.quic_lb]`, every connection id the server hands out
+/// carries its server id, so a balancer can route a connection's packets by
+/// id alone, after the client's address changes too. Without, it cannot.
+#[tokio::test]
+async fn quic_lb_ids_route_every_packet_after_the_first_even_from_a_new_address() {
+    let lb = Arc::new(LbConfig::new(2, &[0xbe, 0xef], 8, Some([7; 16])).unwrap());
+    let fx = start_with(limits(), None, Some(Arc::clone(&lb))).await;
+    let relay = Relay::start(fx.quic, lb.cid_len()).await;
+    let (ids, addresses) = ids_through(&fx, &relay).await;
+    assert_eq!(addresses, 2, "the client moved");
+    assert!(ids.len() >= 4, "{ids:?}");
+    for id in &ids {
+        assert_eq!(lb.server_id_of(id), Some(vec![0xbe, 0xef]), "{id:02x?}");
+    }
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert!(
+        distinct.len() >= 2,
+        "a new id on the new path: {distinct:02x?}"
+    );
+
+    // The same client against a server with random ids: the balancer can't.
+    let plain = start(limits()).await;
+    let relay = Relay::start(plain.quic, lb.cid_len()).await;
+    let (ids, _) = ids_through(&plain, &relay).await;
+    assert!(
+        ids.iter()
+            .any(|id| lb.server_id_of(id) != Some(vec![0xbe, 0xef])),
+        "random ids decoded as ours: {ids:02x?}"
+    );
+}
+
 #[tokio::test]
 async fn connections_over_the_tenants_limit_get_429() {
     let fx = start(TransportLimits {
@@ -1174,7 +1307,7 @@ async fn until_recorded(flows: &RecordedFlows, n: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_register_follow_and_unregister_their_flows() {
     let flows = Arc::new(RecordedFlows::default());
-    let fx = start_with(limits(), Some(flows.clone() as Arc<dyn FlowRegistry>)).await;
+    let fx = start_with(limits(), Some(flows.clone() as Arc<dyn FlowRegistry>), None).await;
 
     // TCP: registered after the handshake under the certificate's tenant, removed on close.
     let tls = tls_connect(&fx, Identity::Tenant("acme"), &[b"h2"])

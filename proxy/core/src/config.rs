@@ -177,16 +177,39 @@ pub struct AuditSettings {
 /// a tenant spread over N hosts of share 1/N gets its limits once in total,
 /// not N times. Per-request caps and the KV quota (a share of this host's
 /// own pool) are not split.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Cluster {
     /// This host's share of every tenant's limits, in (0, 1] (default 1: one host).
     pub host_share: f64,
+    /// Routable connection ids for a QUIC-LB balancer (default none: random ids).
+    pub quic_lb: Option<QuicLb>,
 }
 
 impl Default for Cluster {
     fn default() -> Self {
-        Self { host_share: 1.0 }
+        Self {
+            host_share: 1.0,
+            quic_lb: None,
+        }
     }
+}
+
+/// `[cluster.quic_lb]`: the QUIC connection ids this host issues carry its
+/// server id (draft-ietf-quic-load-balancers), in the clear or encrypted
+/// under a key shared with the balancer, so packets of a connection whose
+/// client address changed still reach this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuicLb {
+    /// Config rotation codepoint, the id's top 3 bits: 0..=6 (default 0).
+    pub config_id: u8,
+    /// This host's server id, 1..=15 octets (written in hex).
+    pub server_id: Vec<u8>,
+    /// Octets of nonce after it: at least 4, and server id plus nonce at
+    /// most 19, or 16 with a key (default 8).
+    pub nonce_len: u8,
+    /// The 16-byte AES-128 key the balancer decrypts ids with, as 32 hex
+    /// digits in a file; `None`: the server id is in the clear.
+    pub key_file: Option<PathBuf>,
 }
 
 impl Cluster {

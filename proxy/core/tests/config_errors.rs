@@ -454,7 +454,7 @@ fn host_share_must_be_a_share_of_one() {
     assert_eq!(
         problem(&src),
         format!(
-            "cluster.hosts (line {}): unknown field `hosts`, expected `host_share`",
+            "cluster.hosts (line {}): unknown field `hosts`, expected `host_share` or `quic_lb`",
             line + 1
         )
     );
@@ -479,4 +479,60 @@ fn a_hosts_share_too_small_for_a_tenants_limits_is_named_with_the_share() {
     );
     // The same tenant on a host that is the whole fleet is valid.
     assert!(Config::from_toml_str(&with_tenants(&tenant)).is_ok());
+}
+
+#[test]
+fn quic_lb_settings_out_of_the_drafts_bounds_are_named() {
+    let lb = |body: &str| with_cluster(ALICE, &format!("[cluster.quic_lb]\n{body}"));
+    let (src, line) = lb("config_id = 7\nserver_id = \"0a0b\"\n");
+    assert_eq!(
+        problem(&src),
+        format!(
+            "cluster.quic_lb.config_id (line {}): \
+             config_id must be 0..=6 (7 marks an unroutable id), got 7",
+            line + 2
+        )
+    );
+    let (src, line) = lb("server_id = \"0a0\"\n");
+    assert_eq!(
+        problem(&src),
+        format!(
+            "cluster.quic_lb.server_id (line {}): \
+             server_id must be hex digits, two per octet, got \"0a0\"",
+            line + 2
+        )
+    );
+    let (src, _) = lb(&format!("server_id = \"{}\"\n", "ab".repeat(16)));
+    assert!(problem(&src).ends_with("server_id must be 1..=15 octets, got 16"));
+    let (src, line) = lb("server_id = \"0a0b\"\nnonce_len = 3\n");
+    assert_eq!(
+        problem(&src),
+        format!(
+            "cluster.quic_lb.nonce_len (line {}): nonce_len must be at least 4, got 3",
+            line + 3
+        )
+    );
+    let (src, _) = lb("server_id = \"0a0b0c0d0e\"\nnonce_len = 15\n");
+    assert!(
+        problem(&src).ends_with(
+            "server_id (5) + nonce_len (15) must be at most 19 octets \
+             (a connection id is at most 20)"
+        ),
+        "{}",
+        problem(&src)
+    );
+    let (src, _) = lb("server_id = \"0a0b0c0d0e\"\nnonce_len = 12\nkey_file = \"lb.key\"\n");
+    assert!(
+        problem(&src).ends_with(
+            "server_id (5) + nonce_len (12) must be at most 16 octets with a key (one AES block)"
+        ),
+        "{}",
+        problem(&src)
+    );
+    let (src, _) = lb("server_id = \"0a0b\"\nkey = \"00\"\n");
+    assert!(
+        problem(&src).contains("unknown field `key`"),
+        "{}",
+        problem(&src)
+    );
 }

@@ -201,6 +201,12 @@ pub fn restart_needed(
     if current.audit != next.audit {
         out.push("[audit] changed".to_owned());
     }
+    if current.cluster.quic_lb != next.cluster.quic_lb {
+        out.push(
+            "[cluster.quic_lb] changed (the QUIC endpoint's connection ids are set at start)"
+                .to_owned(),
+        );
+    }
     if current.models != next.models {
         out.push("[[models]] changed".to_owned());
     }
@@ -250,5 +256,18 @@ mod tests {
         bigger.listeners.tcp = "127.0.0.1:1".parse().unwrap();
         let why = restart_needed(&now, &bigger, dir, false);
         assert_eq!(why, ["[listeners] changed", "[kv] changed"]);
+        // This host's share of the limits reloads; its connection ids do not.
+        let mut shared = now.clone();
+        shared.cluster.host_share = 0.5;
+        assert!(restart_needed(&now, &shared, dir, false).is_empty());
+        shared.cluster.quic_lb = Some(bulkhead_core::config::QuicLb {
+            config_id: 0,
+            server_id: vec![1],
+            nonce_len: 8,
+            key_file: None,
+        });
+        let why = restart_needed(&now, &shared, dir, false);
+        assert_eq!(why.len(), 1, "{why:?}");
+        assert!(why[0].starts_with("[cluster.quic_lb] changed"), "{why:?}");
     }
 }

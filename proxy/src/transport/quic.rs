@@ -92,6 +92,18 @@ impl QuicServer {
         trust_domain: TrustDomain,
         limits: TransportLimits,
     ) -> Result<Self, QuicError> {
+        Self::bind_routable(addr, tls, trust_domain, limits, None)
+    }
+
+    /// [`bind`](Self::bind), issuing connection ids of `lb` (QUIC-LB) when
+    /// given, random ones otherwise.
+    pub fn bind_routable(
+        addr: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        trust_domain: TrustDomain,
+        limits: TransportLimits,
+        lb: Option<Arc<super::quic_lb::LbConfig>>,
+    ) -> Result<Self, QuicError> {
         let socket_error = |source| QuicError::Socket { addr, source };
         let mut transport = quinn::TransportConfig::default();
         transport.max_concurrent_bidi_streams(limits.max_streams_per_connection.into());
@@ -107,8 +119,14 @@ impl QuicServer {
                 "UDP receive buffer smaller than asked: raise net.core.rmem_max"
             );
         }
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        if let Some(lb) = lb {
+            endpoint_config.cid_generator(move || {
+                Box::new(super::quic_lb::LbCidGenerator::new(Arc::clone(&lb)))
+            });
+        }
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config,
             Some(server_config),
             socket,
             Arc::new(quinn::TokioRuntime),

@@ -77,14 +77,34 @@ impl Default for RawListeners {
 pub(super) struct RawCluster {
     #[serde(default = "one_f64")]
     pub host_share: f64,
+    #[serde(default)]
+    pub quic_lb: Option<RawQuicLb>,
 }
 
 impl Default for RawCluster {
     fn default() -> Self {
         Self {
             host_share: one_f64(),
+            quic_lb: None,
         }
     }
+}
+
+/// `[cluster.quic_lb]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [cluster.quic_lb] table")]
+pub(super) struct RawQuicLb {
+    #[serde(default)]
+    pub config_id: i64,
+    pub server_id: String,
+    #[serde(default = "default_nonce_len")]
+    pub nonce_len: i64,
+    #[serde(default)]
+    pub key_file: Option<String>,
+}
+
+const fn default_nonce_len() -> i64 {
+    8
 }
 
 const fn one_f64() -> f64 {

@@ -15,7 +15,7 @@ pub(super) struct Context<'a> {
     /// Names of all `[[models]]`, for `allowed_models`.
     pub model_names: Option<&'a [String]>,
     /// This host's share of the fleet-wide limits.
-    pub cluster: Cluster,
+    pub cluster: &'a Cluster,
 }
 
 /// Where an id or a key digest was first seen.
@@ -201,7 +201,7 @@ fn requests_per_second(
     c: &mut Checker<'_>,
     base: &str,
     value: f64,
-    cluster: Cluster,
+    cluster: &Cluster,
 ) -> Option<f64> {
     let path = format!("{base}.requests_per_second");
     if !value.is_finite() || value <= 0.0 {

@@ -217,10 +217,16 @@ fn a_host_enforces_its_share_of_each_tenants_fleet_limits() {
                   bytes_per_second = 25000000\nbyte_burst = 2097152\n";
     let fleet = MINIMAL.replace("kv_block_quota = 512\n", tenant);
     let whole = Config::from_toml_str(&fleet).unwrap();
-    assert_eq!(whole.cluster, Cluster { host_share: 1.0 });
+    assert_eq!(whole.cluster, Cluster::default());
     let quarter =
         Config::from_toml_str(&format!("{fleet}\n[cluster]\nhost_share = 0.25\n")).unwrap();
-    assert_eq!(quarter.cluster, Cluster { host_share: 0.25 });
+    assert_eq!(
+        quarter.cluster,
+        Cluster {
+            host_share: 0.25,
+            ..Cluster::default()
+        }
+    );
     let (w, q) = (&whole.tenants[0], &quarter.tenants[0]);
     assert!((w.requests_per_second - 20.0).abs() < f64::EPSILON);
     assert!((q.requests_per_second - 5.0).abs() < f64::EPSILON);
@@ -264,13 +270,28 @@ fn a_host_enforces_its_share_of_each_tenants_fleet_limits() {
 
 #[test]
 fn a_split_rounds_up_to_at_least_one_and_keeps_room_for_a_packet() {
-    let third = Cluster { host_share: 0.3 };
+    let third = Cluster {
+        host_share: 0.3,
+        ..Cluster::default()
+    };
     assert_eq!(third.split(5), 2, "1.5 rounds up");
     assert_eq!(third.split(10), 3);
-    assert_eq!(Cluster { host_share: 0.01 }.split(8), 1, "never 0");
+    assert_eq!(
+        Cluster {
+            host_share: 0.01,
+            ..Cluster::default()
+        }
+        .split(8),
+        1,
+        "never 0"
+    );
     assert_eq!(Cluster::default().split(u64::MAX), u64::MAX);
     assert_eq!(
-        Cluster { host_share: 0.5 }.split_u32(u32::MAX),
+        Cluster {
+            host_share: 0.5,
+            ..Cluster::default()
+        }
+        .split_u32(u32::MAX),
         2_147_483_648
     );
     let src = MINIMAL.replace(
@@ -279,4 +300,37 @@ fn a_split_rounds_up_to_at_least_one_and_keeps_room_for_a_packet() {
     );
     let config = Config::from_toml_str(&format!("{src}\n[cluster]\nhost_share = 0.5\n")).unwrap();
     assert_eq!(config.tenants[0].kernel.byte_burst, MAX_PACKET_BYTES);
+}
+
+#[test]
+fn quic_lb_is_off_unless_configured_and_reads_its_defaults() {
+    assert_eq!(
+        Config::from_toml_str(MINIMAL).unwrap().cluster.quic_lb,
+        None
+    );
+    let src = format!("{MINIMAL}\n[cluster.quic_lb]\nserver_id = \"0A0b\"\n");
+    assert_eq!(
+        Config::from_toml_str(&src).unwrap().cluster.quic_lb,
+        Some(QuicLb {
+            config_id: 0,
+            server_id: vec![0x0a, 0x0b],
+            nonce_len: 8,
+            key_file: None,
+        })
+    );
+    let src = format!(
+        "{MINIMAL}\n[cluster]\nhost_share = 0.5\n[cluster.quic_lb]\nconfig_id = 6\n\
+         server_id = \"01\"\nnonce_len = 15\nkey_file = \"/etc/bulkhead/quic-lb.key\"\n"
+    );
+    let cluster = Config::from_toml_str(&src).unwrap().cluster;
+    assert!((cluster.host_share - 0.5).abs() < f64::EPSILON);
+    assert_eq!(
+        cluster.quic_lb,
+        Some(QuicLb {
+            config_id: 6,
+            server_id: vec![1],
+            nonce_len: 15,
+            key_file: Some("/etc/bulkhead/quic-lb.key".into()),
+        })
+    );
 }

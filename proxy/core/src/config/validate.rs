@@ -1,13 +1,14 @@
 //! Validation of the host-wide sections: raw serde structs in, typed [`Config`] or every problem out.
 
 use super::raw::{
-    RawAudit, RawCluster, RawConfig, RawEbpf, RawKv, RawListeners, RawModel, RawScheduler, RawTls,
+    RawAudit, RawCluster, RawConfig, RawEbpf, RawKv, RawListeners, RawModel, RawQuicLb,
+    RawScheduler, RawTls,
 };
 use super::source::SourceMap;
 use super::tenants;
 use super::{
     AdminEndpoint, AuditSettings, Cluster, Config, ConfigError, ConfigErrors, EbpfSettings, KvPool,
-    Listeners, ModelSpec, Scheduler, TlsPaths,
+    Listeners, ModelSpec, QuicLb, Scheduler, TlsPaths,
 };
 use crate::identity::TrustDomain;
 use std::collections::HashMap;
@@ -104,7 +105,9 @@ pub(super) fn validate(
     let scheduler = scheduler(&mut c, &raw.scheduler.unwrap_or_default());
     let ebpf = ebpf(&mut c, &raw.ebpf.unwrap_or_default());
     let audit = audit(&mut c, raw.audit.unwrap_or_default());
-    let cluster = cluster(&mut c, &raw.cluster.unwrap_or_default());
+    let cluster = cluster(&mut c, raw.cluster.unwrap_or_default());
+    // A broken [cluster] is reported; the tenants are still checked, as written.
+    let whole_fleet = Cluster::default();
     // Tenants are checked against the model names only if every model could be read.
     let model_names: Option<Vec<String>> = raw.models.as_ref().and_then(|models| {
         models
@@ -122,8 +125,7 @@ pub(super) fn validate(
             let context = tenants::Context {
                 pool_blocks: kv.map(|kv| kv.pool_blocks),
                 model_names: model_names.as_deref(),
-                // A broken share is reported; the tenants are still checked, as written.
-                cluster: cluster.unwrap_or_default(),
+                cluster: cluster.as_ref().unwrap_or(&whole_fleet),
             };
             tenants::tenants(&mut c, raw_tenants, &context)
         }
@@ -202,10 +204,10 @@ fn empty<T>(c: &mut Checker<'_>, path: &str, message: &str) -> Option<T> {
     None
 }
 
-fn cluster(c: &mut Checker<'_>, raw: &RawCluster) -> Option<Cluster> {
+fn cluster(c: &mut Checker<'_>, raw: RawCluster) -> Option<Cluster> {
     let share = raw.host_share;
-    if share.is_finite() && share > 0.0 && share <= 1.0 {
-        Some(Cluster { host_share: share })
+    let host_share = if share.is_finite() && share > 0.0 && share <= 1.0 {
+        Some(share)
     } else {
         c.report(
             "cluster.host_share".to_owned(),
@@ -215,7 +217,95 @@ fn cluster(c: &mut Checker<'_>, raw: &RawCluster) -> Option<Cluster> {
             ),
         );
         None
+    };
+    let quic_lb = match raw.quic_lb {
+        Some(lb) => Some(quic_lb(c, lb)?),
+        None => None,
+    };
+    Some(Cluster {
+        host_share: host_share?,
+        quic_lb,
+    })
+}
+
+/// `[cluster.quic_lb]`, within the bounds of draft-ietf-quic-load-balancers.
+fn quic_lb(c: &mut Checker<'_>, raw: RawQuicLb) -> Option<QuicLb> {
+    const BASE: &str = "cluster.quic_lb";
+    let config_id = u8::try_from(raw.config_id).ok().filter(|id| *id <= 6);
+    if config_id.is_none() {
+        c.report(
+            format!("{BASE}.config_id"),
+            format!(
+                "config_id must be 0..=6 (7 marks an unroutable id), got {}",
+                raw.config_id
+            ),
+        );
     }
+    let server_id = match decode_hex(&raw.server_id) {
+        Some(id) if (1..=15).contains(&id.len()) => Some(id),
+        Some(id) => {
+            c.report(
+                format!("{BASE}.server_id"),
+                format!("server_id must be 1..=15 octets, got {}", id.len()),
+            );
+            None
+        }
+        None => {
+            c.report(
+                format!("{BASE}.server_id"),
+                format!(
+                    "server_id must be hex digits, two per octet, got {:?}",
+                    raw.server_id
+                ),
+            );
+            None
+        }
+    };
+    let most = if raw.key_file.is_some() { 16 } else { 19 };
+    let nonce_len = u8::try_from(raw.nonce_len).ok().filter(|n| *n >= 4);
+    let nonce_len = match (nonce_len, &server_id) {
+        (Some(n), Some(id)) if id.len() + usize::from(n) > most => {
+            let why = if most == 16 {
+                "at most 16 octets with a key (one AES block)"
+            } else {
+                "at most 19 octets (a connection id is at most 20)"
+            };
+            c.report(
+                format!("{BASE}.nonce_len"),
+                format!("server_id ({}) + nonce_len ({n}) must be {why}", id.len()),
+            );
+            None
+        }
+        (Some(n), _) => Some(n),
+        (None, _) => {
+            c.report(
+                format!("{BASE}.nonce_len"),
+                format!("nonce_len must be at least 4, got {}", raw.nonce_len),
+            );
+            None
+        }
+    };
+    let key_file = match raw.key_file {
+        Some(path) => Some(c.file_path(format!("{BASE}.key_file"), "key_file", path)?),
+        None => None,
+    };
+    Some(QuicLb {
+        config_id: config_id?,
+        server_id: server_id?,
+        nonce_len: nonce_len?,
+        key_file,
+    })
+}
+
+/// Hex digits, two per octet; `None` if anything else.
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 fn trust_domain(c: &mut Checker<'_>, td: &str) -> Option<TrustDomain> {
