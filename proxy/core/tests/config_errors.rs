@@ -536,3 +536,20 @@ fn quic_lb_settings_out_of_the_drafts_bounds_are_named() {
         problem(&src)
     );
 }
+
+#[test]
+fn quic_lb_server_ids_are_strict_hex_and_nonces_in_range() {
+    let lb = |body: &str| with_cluster(ALICE, &format!("[cluster.quic_lb]\n{body}")).0;
+    assert!(problem(&lb("server_id = \"+a0b\"\n")).contains("server_id must be hex digits"));
+    assert!(problem(&lb("server_id = \"\"\n")).ends_with("server_id must be 1..=15 octets, got 0"));
+    assert!(
+        problem(&lb("server_id = \"0a\"\nnonce_len = 300\n"))
+            .ends_with("server_id (1) + nonce_len (300) must be at most 19 octets (a connection id is at most 20)")
+    );
+    // A bad server id is named once; the nonce is still checked on its own.
+    assert_eq!(
+        problems(&lb("server_id = \"zz\"\nnonce_len = 2\n")).len(),
+        2
+    );
+    assert_eq!(problems(&lb("server_id = \"zz\"\n")).len(), 1);
+}

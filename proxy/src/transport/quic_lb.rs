@@ -231,16 +231,9 @@ impl LbConfig {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading the QUIC-LB key file {}", path.display()))?;
-                let digits = text.trim();
-                let key = (digits.len() == 2 * BLOCK)
-                    .then(|| {
-                        (0..BLOCK)
-                            .map(|i| u8::from_str_radix(digits.get(2 * i..2 * i + 2)?, 16).ok())
-                            .collect::<Option<Vec<u8>>>()
-                    })
-                    .flatten()
-                    .and_then(|k| <[u8; BLOCK]>::try_from(k).ok());
-                Some(key.with_context(|| {
+                let mut key = [0u8; BLOCK];
+                let read = hex::decode_to_slice(text.trim(), &mut key);
+                Some(read.ok().map(|()| key).with_context(|| {
                     // The file's content is a secret: it is not quoted.
                     format!(
                         "the QUIC-LB key file {} must hold 32 hex digits (a 16-byte AES-128 key)",
@@ -318,10 +311,7 @@ mod tests {
     use quinn::ConnectionIdGenerator as _;
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        hex::decode(s).unwrap()
     }
 
     /// The draft's worked example of the four-pass algorithm (an odd length,

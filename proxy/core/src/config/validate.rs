@@ -241,7 +241,7 @@ fn quic_lb(c: &mut Checker<'_>, raw: RawQuicLb) -> Option<QuicLb> {
             ),
         );
     }
-    let server_id = match decode_hex(&raw.server_id) {
+    let server_id = match hex::decode(&raw.server_id).ok() {
         Some(id) if (1..=15).contains(&id.len()) => Some(id),
         Some(id) => {
             c.report(
@@ -261,29 +261,30 @@ fn quic_lb(c: &mut Checker<'_>, raw: RawQuicLb) -> Option<QuicLb> {
             None
         }
     };
-    let most = if raw.key_file.is_some() { 16 } else { 19 };
-    let nonce_len = u8::try_from(raw.nonce_len).ok().filter(|n| *n >= 4);
-    let nonce_len = match (nonce_len, &server_id) {
-        (Some(n), Some(id)) if id.len() + usize::from(n) > most => {
-            let why = if most == 16 {
-                "at most 16 octets with a key (one AES block)"
-            } else {
-                "at most 19 octets (a connection id is at most 20)"
-            };
-            c.report(
-                format!("{BASE}.nonce_len"),
-                format!("server_id ({}) + nonce_len ({n}) must be {why}", id.len()),
-            );
-            None
-        }
-        (Some(n), _) => Some(n),
-        (None, _) => {
-            c.report(
-                format!("{BASE}.nonce_len"),
-                format!("nonce_len must be at least 4, got {}", raw.nonce_len),
-            );
-            None
-        }
+    let (most, why) = if raw.key_file.is_some() {
+        (16, "at most 16 octets with a key (one AES block)")
+    } else {
+        (19, "at most 19 octets (a connection id is at most 20)")
+    };
+    let n = raw.nonce_len;
+    // A server id reported above counts as its shortest, one octet.
+    let sid_len = server_id
+        .as_ref()
+        .map_or(1, |id| i64::try_from(id.len()).unwrap_or(i64::MAX));
+    let nonce_len = if n < 4 {
+        c.report(
+            format!("{BASE}.nonce_len"),
+            format!("nonce_len must be at least 4, got {n}"),
+        );
+        None
+    } else if n.saturating_add(sid_len) > most {
+        c.report(
+            format!("{BASE}.nonce_len"),
+            format!("server_id ({sid_len}) + nonce_len ({n}) must be {why}"),
+        );
+        None
+    } else {
+        u8::try_from(n).ok()
     };
     let key_file = match raw.key_file {
         Some(path) => Some(c.file_path(format!("{BASE}.key_file"), "key_file", path)?),
@@ -295,17 +296,6 @@ fn quic_lb(c: &mut Checker<'_>, raw: RawQuicLb) -> Option<QuicLb> {
         nonce_len: nonce_len?,
         key_file,
     })
-}
-
-/// Hex digits, two per octet; `None` if anything else.
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 fn trust_domain(c: &mut Checker<'_>, td: &str) -> Option<TrustDomain> {
