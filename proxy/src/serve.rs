@@ -23,8 +23,8 @@ use crate::{
     ebpf::{DEFAULT_BPFFS, KernelFlows, KernelPlane},
     tls::ServerTls,
     transport::{
-        FlowRegistry, QuicServer, Shutdown, TcpServer, TenantConnections, TransportLimits,
-        quic_lb::LbConfig,
+        ConnectionIds, FlowRegistry, QuicServer, ResetKey, Shutdown, TcpServer, TenantConnections,
+        TransportLimits, quic_lb::LbConfig,
     },
 };
 use anyhow::Context as _;
@@ -80,9 +80,10 @@ pub struct Bound {
     pub tcp: SocketAddr,
 }
 
-/// This host in its fleet (`[cluster]`), logged: the QUIC-LB configuration
-/// of its connection ids (its key read), if any.
-fn cluster_setup(config: &Config) -> anyhow::Result<Option<Arc<LbConfig>>> {
+/// This host in its fleet (`[cluster]`), logged, and how its QUIC endpoint
+/// names connections: QUIC-LB ids and a lasting reset key, each when
+/// configured, their keys read.
+fn cluster_setup(config: &Config) -> anyhow::Result<ConnectionIds> {
     let cluster = &config.cluster;
     if cluster.host_share < 1.0 {
         tracing::info!(
@@ -91,12 +92,16 @@ fn cluster_setup(config: &Config) -> anyhow::Result<Option<Arc<LbConfig>>> {
             cluster.host_share
         );
     }
-    let Some(settings) = &cluster.quic_lb else {
-        return Ok(None);
-    };
-    let lb = LbConfig::load(settings)?;
-    tracing::info!("QUIC connection ids carry this host's server id (QUIC-LB): {lb:?}");
-    Ok(Some(Arc::new(lb)))
+    let mut ids = ConnectionIds::default();
+    if let Some(settings) = &cluster.quic_lb {
+        let lb = LbConfig::load(settings)?;
+        tracing::info!("QUIC connection ids carry this host's server id (QUIC-LB): {lb:?}");
+        ids.lb = Some(Arc::new(lb));
+    }
+    if let Some(path) = &config.listeners.quic_reset_key_file {
+        ids.reset_key = Some(Arc::new(ResetKey::load(path)?));
+    }
+    Ok(ids)
 }
 
 /// Logs the bound addresses, then prints them on one machine-readable line
@@ -140,7 +145,7 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let config = Config::from_path(&opts.config)
         .with_context(|| format!("config {}", opts.config.display()))?;
     let tls = ServerTls::from_paths(&config.tls)?;
-    let quic_lb = cluster_setup(&config)?;
+    let connection_ids = cluster_setup(&config)?;
     prepare_runtime_dir(&opts.runtime_dir)?;
     let gpu = bulkhead_kernels::cuda::available();
     let specs = plan::plan_workers(&config, &opts.runtime_dir, gpu);
@@ -174,8 +179,13 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
         ));
     }
     let app = Arc::new(app);
-    let mut quic =
-        QuicServer::bind_routable(quic_addr, tls.quic.clone(), domain.clone(), limits, quic_lb)?;
+    let mut quic = QuicServer::bind_with_ids(
+        quic_addr,
+        tls.quic.clone(),
+        domain.clone(),
+        limits,
+        connection_ids,
+    )?;
     let quic_port = quic.local_addr()?.port();
     let mut tcp = TcpServer::bind(tcp_addr, tls.tcp.clone(), domain, limits)
         .await

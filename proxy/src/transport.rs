@@ -26,7 +26,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub use self::flows::{FlowGuard, FlowRegistry, FlowTransport, Refusal, RefusalSink};
-pub use self::quic::{QuicError, QuicServer, QuicTlsHandle, SocketBuffers};
+pub use self::quic::{
+    ConnectionIds, QuicError, QuicServer, QuicTlsHandle, ResetKey, SocketBuffers,
+};
 pub use self::tcp::{TcpServer, TcpTlsHandle};
 
 /// Bounds on what one client can hold open.

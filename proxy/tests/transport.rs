@@ -9,8 +9,8 @@ use bulkhead::certs::{self, CertAndKey, DevPki};
 use bulkhead::front::{ApiRequest, ApiResponse, Handler, Protocol, ResponseBody};
 use bulkhead::tls::{QUIC_ALPN, ServerTls, TCP_ALPN};
 use bulkhead::transport::{
-    FlowRegistry, FlowTransport, QuicServer, Shutdown, TcpServer, TenantConnections,
-    TransportLimits, quic::QuicCounters, quic_lb::LbConfig,
+    ConnectionIds, FlowRegistry, FlowTransport, QuicServer, ResetKey, Shutdown, TcpServer,
+    TenantConnections, TransportLimits, quic::QuicCounters, quic_lb::LbConfig,
 };
 use bulkhead_core::TenantId;
 use bulkhead_core::config::TlsPaths;
@@ -170,14 +170,14 @@ fn tenant(name: &str) -> TenantId {
 }
 
 async fn start(limits: TransportLimits) -> Fixture {
-    start_with(limits, None, None).await
+    start_with(limits, None, ConnectionIds::default()).await
 }
 
-/// [`start`] with kernel flows, and routable (QUIC-LB) connection ids.
+/// [`start`] with kernel flows, and connection ids and reset tokens as `ids` says.
 async fn start_with(
     limits: TransportLimits,
     flows: Option<Arc<dyn FlowRegistry>>,
-    lb: Option<Arc<LbConfig>>,
+    ids: ConnectionIds,
 ) -> Fixture {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
@@ -197,7 +197,7 @@ async fn start_with(
     .unwrap();
     let any_port: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let connections = TenantConnections::new(limits.max_connections_per_tenant);
-    let quic = QuicServer::bind_routable(any_port, tls.quic, domain.clone(), limits, lb)
+    let quic = QuicServer::bind_with_ids(any_port, tls.quic, domain.clone(), limits, ids)
         .unwrap()
         .with_connections(Arc::clone(&connections));
     let quic_addr = quic.local_addr().unwrap();
@@ -898,6 +898,8 @@ type Sightings = Vec<(SocketAddr, Vec<u8>)>;
 struct Relay {
     addr: SocketAddr,
     seen: Arc<Mutex<Sightings>>,
+    /// Where the client's datagrams go.
+    server: Arc<Mutex<SocketAddr>>,
     task: JoinHandle<()>,
 }
 
@@ -908,6 +910,8 @@ impl Relay {
         let addr = socket.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = Arc::clone(&seen);
+        let server = Arc::new(Mutex::new(server));
+        let target = Arc::clone(&server);
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
             let mut client = None;
@@ -916,6 +920,7 @@ impl Relay {
                     return;
                 };
                 let packet = &buf[..n];
+                let server = *target.lock().unwrap();
                 if from == server {
                     if let Some(to) = client {
                         let _ = socket.send_to(packet, to).await;
@@ -935,7 +940,17 @@ impl Relay {
                 let _ = socket.send_to(packet, server).await;
             }
         });
-        Self { addr, seen, task }
+        Self {
+            addr,
+            seen,
+            server,
+            task,
+        }
+    }
+
+    /// Sends the client's datagrams to `server` from now on.
+    fn redirect(&self, server: SocketAddr) {
+        *self.server.lock().unwrap() = server;
     }
 
     fn seen(&self) -> Sightings {
@@ -993,7 +1008,11 @@ async fn ids_through(fx: &Fixture, relay: &Relay) -> (Vec<Vec<u8>>, usize) {
 #[tokio::test]
 async fn quic_lb_ids_route_every_packet_after_the_first_even_from_a_new_address() {
     let lb = Arc::new(LbConfig::new(2, &[0xbe, 0xef], 8, Some([7; 16])).unwrap());
-    let fx = start_with(limits(), None, Some(Arc::clone(&lb))).await;
+    let ids = ConnectionIds {
+        lb: Some(Arc::clone(&lb)),
+        reset_key: None,
+    };
+    let fx = start_with(limits(), None, ids).await;
     let relay = Relay::start(fx.quic, lb.cid_len()).await;
     let (ids, addresses) = ids_through(&fx, &relay).await;
     assert_eq!(addresses, 2, "the client moved");
@@ -1016,6 +1035,49 @@ async fn quic_lb_ids_route_every_packet_after_the_first_even_from_a_new_address(
             .any(|id| lb.server_id_of(id) != Some(vec![0xbe, 0xef])),
         "random ids decoded as ours: {ids:02x?}"
     );
+}
+
+/// A host restarted with the same `quic_reset_key_file` resets the
+/// connections of the process before it: their clients close at once
+/// instead of waiting out their idle timeout. Under a new key they cannot.
+#[tokio::test]
+async fn a_lasting_reset_key_resets_a_restarted_hosts_old_connections_at_once() {
+    let key = |byte| ConnectionIds {
+        lb: None,
+        reset_key: Some(Arc::new(ResetKey::from_bytes(&[byte; 32]))),
+    };
+    for (restart_key, reset_expected) in [(1, true), (2, false)] {
+        let before = start_with(limits(), None, key(1)).await;
+        let relay = Relay::start(before.quic, 8).await;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls(
+            &before,
+            Identity::Tenant("acme"),
+            &QUIC_ALPN,
+        ))
+        .unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let conn = within("handshake through the relay", async {
+            endpoint.connect(relay.addr, "localhost").unwrap().await
+        })
+        .await
+        .unwrap();
+        // The host restarts: a process with no state, behind the same address.
+        let after = start_with(limits(), None, key(restart_key)).await;
+        relay.redirect(after.quic);
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        send.write_all(b"\x01\x00").await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+        if reset_expected {
+            assert!(
+                matches!(closed, Ok(quinn::ConnectionError::Reset)),
+                "{closed:?}"
+            );
+        } else {
+            assert!(closed.is_err(), "closed without a valid reset: {closed:?}");
+        }
+        drop(before);
+    }
 }
 
 #[tokio::test]
@@ -1307,7 +1369,12 @@ async fn until_recorded(flows: &RecordedFlows, n: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_register_follow_and_unregister_their_flows() {
     let flows = Arc::new(RecordedFlows::default());
-    let fx = start_with(limits(), Some(flows.clone() as Arc<dyn FlowRegistry>), None).await;
+    let fx = start_with(
+        limits(),
+        Some(flows.clone() as Arc<dyn FlowRegistry>),
+        ConnectionIds::default(),
+    )
+    .await;
 
     // TCP: registered after the handshake under the certificate's tenant, removed on close.
     let tls = tls_connect(&fx, Identity::Tenant("acme"), &[b"h2"])

@@ -69,6 +69,11 @@ pub struct Listeners {
     /// Read-only metrics endpoint (`GET /metrics`, `GET /healthz`) on any
     /// address, for a Prometheus that scrapes over the network; none by default.
     pub metrics: Option<SocketAddr>,
+    /// The key of the QUIC endpoint's stateless reset tokens, 64 hex digits
+    /// in a file. Kept across restarts, a restarted host can reset its
+    /// predecessor's connections at once instead of leaving their clients
+    /// to time out. None by default: a new random key per process.
+    pub quic_reset_key_file: Option<PathBuf>,
 }
 
 /// Where the admin endpoint listens.

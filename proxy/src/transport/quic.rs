@@ -23,8 +23,10 @@ use bulkhead_core::TenantId;
 use bulkhead_core::identity::{IdentityError, TrustDomain};
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 use h3::server::{RequestResolver, RequestStream};
+use hmac::{Hmac, Mac as _};
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::CertificateDer;
+use sha2::Sha256;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -34,6 +36,130 @@ use tracing::{debug, info, warn};
 /// The UDP receive and send buffer size asked of the kernel: at its default
 /// (~208 KB) receive errors grew under many connections; 4 MiB removed them.
 pub const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// How the endpoint names its connections and resets those it has lost.
+/// The default: random ids, and a random reset key per process.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionIds {
+    /// Routable ids for a QUIC-LB balancer (`[cluster.quic_lb]`).
+    pub lb: Option<Arc<super::quic_lb::LbConfig>>,
+    /// The stateless reset key (`[listeners] quic_reset_key_file`).
+    pub reset_key: Option<Arc<ResetKey>>,
+}
+
+/// The key of the endpoint's stateless reset tokens (HMAC-SHA-256 of a
+/// connection id). A packet of a connection this endpoint does not hold is
+/// answered with the token it would have issued for that id; the client,
+/// holding the token from the endpoint that did, closes at once. With the
+/// same key across a restart, that includes the previous process's
+/// connections, which otherwise wait out their idle timeout.
+#[derive(Clone)]
+pub struct ResetKey(Hmac<Sha256>);
+
+impl std::fmt::Debug for ResetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResetKey(..)")
+    }
+}
+
+impl ResetKey {
+    /// A key of these bytes.
+    #[must_use]
+    pub fn from_bytes(bytes: &[u8; 32]) -> Self {
+        Self(Hmac::<Sha256>::new_from_slice(bytes).expect("HMAC takes keys of any length"))
+    }
+
+    /// The key in `path`: 64 hex digits, surrounding whitespace ignored
+    /// (`openssl rand -hex 32` writes one).
+    ///
+    /// # Errors
+    /// When the file cannot be read or does not hold 64 hex digits; its
+    /// content is never quoted.
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the QUIC reset key file {}", path.display()))?;
+        let mut key = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut key)
+            .ok()
+            .with_context(|| {
+                format!(
+                    "the QUIC reset key file {} must hold 64 hex digits (32 bytes)",
+                    path.display()
+                )
+            })?;
+        Ok(Self::from_bytes(&key))
+    }
+}
+
+/// Connection ids a restarted endpoint with the same [`ResetKey`] still
+/// recognizes as its own: 4 random octets and a 4-octet HMAC tag of them.
+/// (quinn resets only packets whose ids its generator validates; its
+/// default generator's key is new in every process.)
+#[derive(Debug)]
+struct KeyedCidGenerator(ResetKey);
+
+/// Octets of a [`KeyedCidGenerator`] id: nonce, then tag.
+const KEYED_NONCE: usize = 4;
+const KEYED_TAG: usize = 4;
+
+impl KeyedCidGenerator {
+    fn tag(&self, nonce: &[u8]) -> [u8; KEYED_TAG] {
+        let mut mac = self.0.0.clone();
+        mac.update(b"bulkhead quic connection id");
+        mac.update(nonce);
+        let digest = mac.finalize().into_bytes();
+        let mut tag = [0u8; KEYED_TAG];
+        tag.copy_from_slice(&digest[..KEYED_TAG]);
+        tag
+    }
+}
+
+impl quinn::ConnectionIdGenerator for KeyedCidGenerator {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut id = [0u8; KEYED_NONCE + KEYED_TAG];
+        getrandom::fill(&mut id[..KEYED_NONCE]).expect("the OS random source");
+        let tag = self.tag(&id[..KEYED_NONCE]);
+        id[KEYED_NONCE..].copy_from_slice(&tag);
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn validate(&self, cid: &quinn::ConnectionId) -> Result<(), quinn_proto::InvalidCid> {
+        let (nonce, tag) = cid.split_at(KEYED_NONCE.min(cid.len()));
+        if cid.len() == KEYED_NONCE + KEYED_TAG && self.tag(nonce)[..] == *tag {
+            Ok(())
+        } else {
+            Err(quinn_proto::InvalidCid)
+        }
+    }
+
+    fn cid_len(&self) -> usize {
+        KEYED_NONCE + KEYED_TAG
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
+}
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        let mut mac = self.0.clone();
+        mac.update(data);
+        signature_out.copy_from_slice(&mac.finalize().into_bytes());
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        let mut mac = self.0.clone();
+        mac.update(data);
+        mac.verify_slice(signature)
+            .map_err(|_| quinn::crypto::CryptoError)
+    }
+}
 
 /// Why the QUIC listener could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -92,17 +218,16 @@ impl QuicServer {
         trust_domain: TrustDomain,
         limits: TransportLimits,
     ) -> Result<Self, QuicError> {
-        Self::bind_routable(addr, tls, trust_domain, limits, None)
+        Self::bind_with_ids(addr, tls, trust_domain, limits, ConnectionIds::default())
     }
 
-    /// [`bind`](Self::bind), issuing connection ids of `lb` (QUIC-LB) when
-    /// given, random ones otherwise.
-    pub fn bind_routable(
+    /// [`bind`](Self::bind), its connection ids and reset tokens as `ids` says.
+    pub fn bind_with_ids(
         addr: SocketAddr,
         tls: Arc<rustls::ServerConfig>,
         trust_domain: TrustDomain,
         limits: TransportLimits,
-        lb: Option<Arc<super::quic_lb::LbConfig>>,
+        ids: ConnectionIds,
     ) -> Result<Self, QuicError> {
         let socket_error = |source| QuicError::Socket { addr, source };
         let mut transport = quinn::TransportConfig::default();
@@ -119,11 +244,21 @@ impl QuicServer {
                 "UDP receive buffer smaller than asked: raise net.core.rmem_max"
             );
         }
-        let mut endpoint_config = quinn::EndpointConfig::default();
-        if let Some(lb) = lb {
-            endpoint_config.cid_generator(move || {
-                Box::new(super::quic_lb::LbCidGenerator::new(Arc::clone(&lb)))
-            });
+        let mut endpoint_config = match &ids.reset_key {
+            Some(key) => quinn::EndpointConfig::new(Arc::clone(key) as _),
+            None => quinn::EndpointConfig::default(),
+        };
+        match (ids.lb, ids.reset_key) {
+            (Some(lb), _) => {
+                endpoint_config.cid_generator(move || {
+                    Box::new(super::quic_lb::LbCidGenerator::new(Arc::clone(&lb)))
+                });
+            }
+            (None, Some(key)) => {
+                endpoint_config
+                    .cid_generator(move || Box::new(KeyedCidGenerator(ResetKey::clone(&key))));
+            }
+            (None, None) => {}
         }
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
@@ -572,5 +707,57 @@ async fn send_response(
     }
     if let Err(error) = send.finish().await {
         debug!(%error, "HTTP/3 response not finished");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quinn::ConnectionIdGenerator as _;
+    use quinn::crypto::HmacKey as _;
+
+    #[test]
+    fn keyed_ids_are_recognized_under_their_key_only() {
+        let mut ours = KeyedCidGenerator(ResetKey::from_bytes(&[3; 32]));
+        let theirs = KeyedCidGenerator(ResetKey::from_bytes(&[4; 32]));
+        let restarted = KeyedCidGenerator(ResetKey::from_bytes(&[3; 32]));
+        for _ in 0..100 {
+            let id = ours.generate_cid();
+            assert_eq!(id.len(), ours.cid_len());
+            assert!(restarted.validate(&id).is_ok());
+            // A 4-octet tag: another key's generator takes 1 in 2^32.
+            assert!(theirs.validate(&id).is_err());
+        }
+        assert!(ours.validate(&quinn::ConnectionId::new(&[0; 8])).is_err());
+        assert!(ours.validate(&quinn::ConnectionId::new(&[0; 3])).is_err());
+    }
+
+    #[test]
+    fn reset_tokens_are_hmac_sha256_and_the_key_file_is_never_quoted() {
+        let key = ResetKey::from_bytes(&[9; 32]);
+        let mut token = [0u8; 32];
+        key.sign(b"cid", &mut token);
+        assert!(key.verify(b"cid", &token).is_ok());
+        assert!(key.verify(b"cie", &token).is_err());
+        assert!(
+            ResetKey::from_bytes(&[8; 32])
+                .verify(b"cid", &token)
+                .is_err()
+        );
+        assert_eq!(format!("{key:?}"), "ResetKey(..)");
+
+        let dir = std::env::temp_dir().join(format!("bh-reset-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("reset.key");
+        std::fs::write(&file, format!("{}\n", "09".repeat(32))).unwrap();
+        let loaded = ResetKey::load(&file).unwrap();
+        assert!(loaded.verify(b"cid", &token).is_ok());
+        std::fs::write(&file, "top-secret").unwrap();
+        let err = format!("{:#}", ResetKey::load(&file).unwrap_err());
+        assert!(err.contains("reset.key must hold 64 hex digits"), "{err}");
+        assert!(!err.contains("top-secret"), "{err}");
+        let err = format!("{:#}", ResetKey::load(&dir.join("none.key")).unwrap_err());
+        assert!(err.contains("reading the QUIC reset key file"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

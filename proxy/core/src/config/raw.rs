@@ -58,6 +58,8 @@ pub(super) struct RawListeners {
     pub admin: Option<String>,
     #[serde(default)]
     pub metrics: Option<String>,
+    #[serde(default)]
+    pub quic_reset_key_file: Option<String>,
 }
 
 impl Default for RawListeners {
@@ -67,6 +69,7 @@ impl Default for RawListeners {
             tcp: default_listen(),
             admin: None,
             metrics: None,
+            quic_reset_key_file: None,
         }
     }
 }

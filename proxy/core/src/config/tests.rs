@@ -334,3 +334,32 @@ fn quic_lb_is_off_unless_configured_and_reads_its_defaults() {
         })
     );
 }
+
+#[test]
+fn the_quic_reset_key_file_is_optional_and_not_empty() {
+    assert_eq!(
+        Config::from_toml_str(MINIMAL)
+            .unwrap()
+            .listeners
+            .quic_reset_key_file,
+        None
+    );
+    let with = |path: &str| {
+        Config::from_toml_str(&format!(
+            "{MINIMAL}\n[listeners]\nquic_reset_key_file = {path:?}\n"
+        ))
+    };
+    assert_eq!(
+        with("/etc/bulkhead/quic-reset.key")
+            .unwrap()
+            .listeners
+            .quic_reset_key_file,
+        Some(PathBuf::from("/etc/bulkhead/quic-reset.key"))
+    );
+    assert!(
+        with("")
+            .unwrap_err()
+            .to_string()
+            .contains("quic_reset_key_file must not be empty")
+    );
+}

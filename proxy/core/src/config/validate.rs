@@ -371,11 +371,22 @@ fn listeners(c: &mut Checker<'_>, raw: RawListeners) -> Option<Listeners> {
             }
         }),
     };
+    let quic_reset_key_file = match raw.quic_reset_key_file {
+        None => Some(None),
+        Some(path) => c
+            .file_path(
+                "listeners.quic_reset_key_file".to_owned(),
+                "quic_reset_key_file",
+                path,
+            )
+            .map(Some),
+    };
     Some(Listeners {
         quic: quic?,
         tcp: tcp?,
         admin: admin?,
         metrics: metrics?,
+        quic_reset_key_file: quic_reset_key_file?,
     })
 }
 
