@@ -964,10 +964,8 @@ impl Drop for Relay {
     }
 }
 
-/// Connects through `relay`, moves the client to a new address, and
-/// returns every destination id the client sent after its first (which it
-/// chose itself), and how many client addresses were seen.
-async fn ids_through(fx: &Fixture, relay: &Relay) -> (Vec<Vec<u8>>, usize) {
+/// A connection of tenant acme to `fx`'s QUIC listener through `relay`.
+async fn connect_through(fx: &Fixture, relay: &Relay) -> (quinn::Endpoint, quinn::Connection) {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls(
         fx,
         Identity::Tenant("acme"),
@@ -981,6 +979,14 @@ async fn ids_through(fx: &Fixture, relay: &Relay) -> (Vec<Vec<u8>>, usize) {
     })
     .await
     .unwrap();
+    (endpoint, conn)
+}
+
+/// Connects through `relay`, moves the client to a new address, and
+/// returns every destination id the client sent after its first (which it
+/// chose itself), and how many client addresses were seen.
+async fn ids_through(fx: &Fixture, relay: &Relay) -> (Vec<Vec<u8>>, usize) {
+    let (endpoint, conn) = connect_through(fx, relay).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     // NAT rebinding: the same connection from another address and port.
     endpoint
@@ -1049,19 +1055,7 @@ async fn a_lasting_reset_key_resets_a_restarted_hosts_old_connections_at_once() 
     for (restart_key, reset_expected) in [(1, true), (2, false)] {
         let before = start_with(limits(), None, key(1)).await;
         let relay = Relay::start(before.quic, 8).await;
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls(
-            &before,
-            Identity::Tenant("acme"),
-            &QUIC_ALPN,
-        ))
-        .unwrap();
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-        let conn = within("handshake through the relay", async {
-            endpoint.connect(relay.addr, "localhost").unwrap().await
-        })
-        .await
-        .unwrap();
+        let (_endpoint, conn) = connect_through(&before, &relay).await;
         // The host restarts: a process with no state, behind the same address.
         let after = start_with(limits(), None, key(restart_key)).await;
         relay.redirect(after.quic);
