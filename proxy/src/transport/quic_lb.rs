@@ -15,9 +15,10 @@
 //! With a key, a server id and nonce of 16 octets together are encrypted in
 //! one block ("single pass"); shorter ones with the draft's four-pass
 //! Feistel construction, each half expanded into an AES block with a round
-//! counter in its last octet. A nonce is never reused under one key: it
-//! counts up from a random start. Without a key (plaintext), the nonce is
-//! random so connections cannot be linked by it.
+//! counter in its last octet. Under a key the nonce counts up from a
+//! random start: one process never repeats one, and processes sharing a key
+//! (a restart) only if their ranges happen to meet. Without a key
+//! (plaintext), the nonce is random so connections cannot be linked by it.
 //!
 //! [`LbConfig::server_id_of`] is what the balancer does; the tests use it.
 
@@ -275,7 +276,7 @@ impl LbCidGenerator {
     fn next_nonce(&mut self) -> Vec<u8> {
         let len = self.config.nonce_len;
         if self.config.cipher.is_some() {
-            // Never the same nonce twice under one key (the counter wraps
+            // Never the same nonce twice in this process (the counter wraps
             // after 2^(8 * nonce_len) ids).
             self.counter = self.counter.wrapping_add(1);
             self.counter.to_be_bytes()[BLOCK - len..].to_vec()
