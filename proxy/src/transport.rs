@@ -64,6 +64,30 @@ impl Default for TransportLimits {
     }
 }
 
+/// A key of `N` bytes from `path`, written as `2N` hex digits (surrounding
+/// whitespace ignored); errors say which key (`name`) and name the file,
+/// never its content.
+fn read_hex_key<const N: usize>(
+    path: &std::path::Path,
+    name: &str,
+    what: &str,
+) -> anyhow::Result<[u8; N]> {
+    use anyhow::Context as _;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the {name} file {}", path.display()))?;
+    let mut key = [0u8; N];
+    hex::decode_to_slice(text.trim(), &mut key)
+        .ok()
+        .with_context(|| {
+            format!(
+                "the {name} file {} must hold {} hex digits ({what})",
+                path.display(),
+                2 * N
+            )
+        })?;
+    Ok(key)
+}
+
 /// Triggers a graceful shutdown of every listener holding one of its signals.
 ///
 /// Listeners stop accepting at once, let in-flight requests finish for up

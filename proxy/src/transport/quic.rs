@@ -76,18 +76,7 @@ impl ResetKey {
     /// When the file cannot be read or does not hold 64 hex digits; its
     /// content is never quoted.
     pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
-        use anyhow::Context as _;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the QUIC reset key file {}", path.display()))?;
-        let mut key = [0u8; 32];
-        hex::decode_to_slice(text.trim(), &mut key)
-            .ok()
-            .with_context(|| {
-                format!(
-                    "the QUIC reset key file {} must hold 64 hex digits (32 bytes)",
-                    path.display()
-                )
-            })?;
+        let key = super::read_hex_key::<32>(path, "QUIC reset key", "32 bytes")?;
         Ok(Self::from_bytes(&key))
     }
 }
@@ -125,8 +114,11 @@ impl quinn::ConnectionIdGenerator for KeyedCidGenerator {
     }
 
     fn validate(&self, cid: &quinn::ConnectionId) -> Result<(), quinn_proto::InvalidCid> {
-        let (nonce, tag) = cid.split_at(KEYED_NONCE.min(cid.len()));
-        if cid.len() == KEYED_NONCE + KEYED_TAG && self.tag(nonce)[..] == *tag {
+        if cid.len() != self.cid_len() {
+            return Err(quinn_proto::InvalidCid);
+        }
+        let (nonce, tag) = cid.split_at(KEYED_NONCE);
+        if self.tag(nonce)[..] == *tag {
             Ok(())
         } else {
             Err(quinn_proto::InvalidCid)

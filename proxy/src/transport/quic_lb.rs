@@ -227,21 +227,12 @@ impl LbConfig {
     /// # Errors
     /// When the key file cannot be read or does not hold 32 hex digits.
     pub fn load(settings: &bulkhead_core::config::QuicLb) -> anyhow::Result<Self> {
-        use anyhow::Context as _;
         let key = match &settings.key_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading the QUIC-LB key file {}", path.display()))?;
-                let mut key = [0u8; BLOCK];
-                let read = hex::decode_to_slice(text.trim(), &mut key);
-                Some(read.ok().map(|()| key).with_context(|| {
-                    // The file's content is a secret: it is not quoted.
-                    format!(
-                        "the QUIC-LB key file {} must hold 32 hex digits (a 16-byte AES-128 key)",
-                        path.display()
-                    )
-                })?)
-            }
+            Some(path) => Some(super::read_hex_key::<BLOCK>(
+                path,
+                "QUIC-LB key",
+                "a 16-byte AES-128 key",
+            )?),
             None => None,
         };
         Ok(Self::new(
