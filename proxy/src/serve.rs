@@ -80,10 +80,11 @@ pub struct Bound {
     pub tcp: SocketAddr,
 }
 
-/// This host in its fleet (`[cluster]`), logged, and how its QUIC endpoint
-/// names connections: QUIC-LB ids and a lasting reset key, each when
-/// configured, their keys read.
-fn cluster_setup(config: &Config) -> anyhow::Result<ConnectionIds> {
+/// How the QUIC endpoint names its connections: QUIC-LB ids
+/// (`[cluster.quic_lb]`) and a lasting reset key (`[listeners]
+/// quic_reset_key_file`), each when configured, their keys read; logs this
+/// host's place in its fleet on the way.
+fn connection_ids(config: &Config) -> anyhow::Result<ConnectionIds> {
     let cluster = &config.cluster;
     if cluster.host_share < 1.0 {
         tracing::info!(
@@ -145,7 +146,7 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let config = Config::from_path(&opts.config)
         .with_context(|| format!("config {}", opts.config.display()))?;
     let tls = ServerTls::from_paths(&config.tls)?;
-    let connection_ids = cluster_setup(&config)?;
+    let ids = connection_ids(&config)?;
     prepare_runtime_dir(&opts.runtime_dir)?;
     let gpu = bulkhead_kernels::cuda::available();
     let specs = plan::plan_workers(&config, &opts.runtime_dir, gpu);
@@ -179,13 +180,8 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
         ));
     }
     let app = Arc::new(app);
-    let mut quic = QuicServer::bind_with_ids(
-        quic_addr,
-        tls.quic.clone(),
-        domain.clone(),
-        limits,
-        connection_ids,
-    )?;
+    let mut quic =
+        QuicServer::bind_with_ids(quic_addr, tls.quic.clone(), domain.clone(), limits, ids)?;
     let quic_port = quic.local_addr()?.port();
     let mut tcp = TcpServer::bind(tcp_addr, tls.tcp.clone(), domain, limits)
         .await
