@@ -830,10 +830,10 @@ impl<B: Backend> Engine<B> {
     }
 
     fn on_token(&mut self, id: RequestId, token: u32) {
-        let eos = self.backend.model().eos;
+        let eos = self.backend.model().is_eos(token);
         let max_context = self.backend.model().max_context;
         let seq = self.seqs.get_mut(&id).expect("exists");
-        if token == eos {
+        if eos {
             self.finish(id, FinishReason::Stop, None);
             return;
         }

@@ -6,6 +6,8 @@
 //! RMSNorm → SwiGLU feed-forward → residual) → RMSNorm → LM head. The
 //! tokenizer is byte-level: tokens 0–255 are bytes, then BOS and EOS.
 
+pub mod bpe;
+pub mod checkpoint;
 mod config;
 mod rng;
 mod sampling;

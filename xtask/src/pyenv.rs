@@ -1,6 +1,7 @@
 //! The Python venv of the HTTP/3 and `OpenAI` test clients, at `target/pyenv`:
 //! `aioquic` (an HTTP/3 client nobody here wrote, for `proxy/tests/py/h3_client.py`)
-//! and the `openai` SDK (HTTP/1.1 and h2 only: it talks to the TLS/TCP listener).
+//! and the `openai` SDK (HTTP/1.1 and h2 only: it talks to the TLS/TCP listener),
+//! the Kubernetes schemas, and Hugging Face's `tokenizers` (the BPE reference).
 //!
 //! Both are pinned exactly; their own dependencies are left to pip's
 //! resolver. The check imports both and compares `__version__`, so a venv
@@ -12,12 +13,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The pinned packages, as pip requirements and as (module, version) to check.
-pub const PACKAGES: [(&str, &str); 3] = [
+pub const PACKAGES: [(&str, &str); 4] = [
     ("aioquic", "1.7.2"),
     ("openai", "3.51.0"),
     // The Kubernetes schemas (bundled, offline) that `proxy/tests/deploy_artifacts.rs`
     // validates deploy/k8s and the generated NetworkPolicies against.
     ("kubernetes_validate", "1.37.0"),
+    // Hugging Face's tokenizers, the reference `kernels/tests/bpe_reference.rs`
+    // holds the BPE tokenizer of real checkpoints to.
+    ("tokenizers", "0.23.3"),
 ];
 
 /// The venv's directory.

@@ -29,6 +29,9 @@ pub struct ModelConfig {
     pub bos: u32,
     /// End-of-sequence token: generating it ends a request.
     pub eos: u32,
+    /// Further tokens that end a request as [`Self::eos`] does (an instruct
+    /// model's end-of-turn token, say); empty for the built-in model.
+    pub extra_eos: Vec<u32>,
 }
 
 /// Why a [`ModelConfig`] cannot be built.
@@ -89,6 +92,7 @@ impl ModelConfig {
             rms_eps: 1e-5,
             bos: 256,
             eos: 257,
+            extra_eos: Vec::new(),
         }
     }
 
@@ -125,7 +129,7 @@ impl ModelConfig {
                 head_dim: self.head_dim,
             });
         }
-        for token in [self.bos, self.eos] {
+        for &token in [self.bos, self.eos].iter().chain(&self.extra_eos) {
             if token as usize >= self.vocab {
                 return Err(ModelConfigError::Token {
                     model: model(),
@@ -135,6 +139,11 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+
+    /// Whether generating `token` ends a request.
+    pub fn is_eos(&self, token: u32) -> bool {
+        token == self.eos || self.extra_eos.contains(&token)
     }
 
     /// Width of the fused Q, K, V projection's output.

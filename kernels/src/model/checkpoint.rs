@@ -1,0 +1,450 @@
+//! A Llama-family checkpoint from a local directory, as Hugging Face
+//! writes one: `config.json`, the weights in `model.safetensors` (or shards
+//! listed by `model.safetensors.index.json`), and optionally
+//! `generation_config.json` (further end-of-sequence tokens).
+//!
+//! Everything is checked before it is used: the architecture, every shape,
+//! every dtype, and that no tensor is left over (a bias or a scale this
+//! model would silently ignore is refused, naming it). Weights in F32, F16
+//! or BF16 are widened to f32, the backends' format.
+
+use super::{LayerWeights, ModelConfig, ModelConfigError, Weights};
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
+
+/// The config file of a checkpoint directory.
+pub const CONFIG_FILE: &str = "config.json";
+/// The weights of a single-file checkpoint.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Optional: generation defaults, of which only the end-of-sequence tokens are read.
+pub const GENERATION_FILE: &str = "generation_config.json";
+
+/// Why a checkpoint cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A JSON file does not parse as what it should hold.
+    #[error("{}: {detail}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with its line and column.
+        detail: String,
+    },
+    /// The checkpoint is of an architecture or a feature this model does not implement.
+    #[error("{}: {detail}", path.display())]
+    Unsupported {
+        /// The file that says so.
+        path: PathBuf,
+        /// What is not supported.
+        detail: String,
+    },
+    /// The shapes `config.json` gives are not a valid model.
+    #[error("{}: {source}", path.display())]
+    Config {
+        /// `config.json`.
+        path: PathBuf,
+        /// What is wrong.
+        source: ModelConfigError,
+    },
+    /// A safetensors file is malformed.
+    #[error("{}: not a valid safetensors file: {detail}", path.display())]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// The parser's words.
+        detail: String,
+    },
+    /// A tensor the model needs is in no file.
+    #[error("{}: tensor `{name}` is missing", dir.display())]
+    Missing {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// The tensor.
+        name: String,
+    },
+    /// A tensor has another shape than `config.json` implies.
+    #[error("{}: tensor `{name}` has shape {found:?}, expected {expected:?}", path.display())]
+    Shape {
+        /// The file holding it.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// Its shape.
+        found: Vec<usize>,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+    },
+    /// A tensor is in a dtype that is not read.
+    #[error("{}: tensor `{name}` is {dtype}; F32, F16 and BF16 are read", path.display())]
+    Dtype {
+        /// The file holding it.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// Its dtype.
+        dtype: String,
+    },
+    /// A tensor the model would not use (a bias, a quantization scale, ...).
+    #[error(
+        "{}: tensor `{name}` is not part of a Llama-architecture model (biases, quantization scales and other extras are not supported)",
+        path.display()
+    )]
+    Unused {
+        /// The file holding it.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+    },
+}
+
+/// A loaded checkpoint: its shapes and its weights, ready for a backend.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    /// The shapes, named as requests name the model.
+    pub config: ModelConfig,
+    /// The weights in the backends' layout (Q, K, V fused; gate and up fused).
+    pub weights: Weights,
+}
+
+/// A token id or a list of them, as `config.json` writes `eos_token_id`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    fn ids(self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![id],
+            Self::Many(ids) => ids,
+        }
+    }
+}
+
+/// The fields of `config.json` that are read; the rest is ignored.
+#[derive(Deserialize)]
+struct HfConfig {
+    #[serde(default)]
+    model_type: Option<String>,
+    #[serde(default)]
+    architectures: Vec<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    #[serde(default)]
+    num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    head_dim: Option<usize>,
+    intermediate_size: usize,
+    #[serde(default)]
+    max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    rope_theta: Option<f32>,
+    #[serde(default)]
+    rms_norm_eps: Option<f32>,
+    #[serde(default)]
+    bos_token_id: Option<u32>,
+    #[serde(default)]
+    eos_token_id: Option<OneOrMany>,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    hidden_act: Option<String>,
+    #[serde(default)]
+    sliding_window: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct GenerationConfig {
+    #[serde(default)]
+    eos_token_id: Option<OneOrMany>,
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+/// Architectures whose checkpoints are this model exactly (no biases, RMSNorm, SwiGLU, rotate-half RoPE).
+const ARCHITECTURES: [&str; 2] = ["LlamaForCausalLM", "MistralForCausalLM"];
+/// The context assumed when `config.json` gives none.
+const DEFAULT_CONTEXT: usize = 2048;
+
+fn read(path: &Path) -> Result<Vec<u8>, CheckpointError> {
+    std::fs::read(path).map_err(|source| CheckpointError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CheckpointError> {
+    let bytes = read(path)?;
+    serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Json {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// Reads the model's shapes from `dir`'s `config.json` (and end-of-sequence
+/// tokens from `generation_config.json` when present); `name` is what
+/// requests call it. Reads no weights.
+pub fn read_config(dir: &Path, name: &str) -> Result<ModelConfig, CheckpointError> {
+    parse_config(dir, name).map(|(config, _)| config)
+}
+
+/// [`read_config`], and whether the LM head is tied to the embedding.
+fn parse_config(dir: &Path, name: &str) -> Result<(ModelConfig, bool), CheckpointError> {
+    let path = dir.join(CONFIG_FILE);
+    let hf: HfConfig = parse_json(&path)?;
+    let unsupported = |detail: String| CheckpointError::Unsupported {
+        path: path.clone(),
+        detail,
+    };
+    let llama_type = matches!(hf.model_type.as_deref(), Some("llama" | "mistral"));
+    let llama_arch = hf
+        .architectures
+        .iter()
+        .any(|a| ARCHITECTURES.contains(&a.as_str()));
+    if !(llama_type || llama_arch) {
+        return Err(unsupported(format!(
+            "model_type {:?}, architectures {:?}: only Llama-architecture checkpoints ({}) are supported",
+            hf.model_type.as_deref().unwrap_or("(none)"),
+            hf.architectures,
+            ARCHITECTURES.join(", ")
+        )));
+    }
+    if hf.attention_bias || hf.mlp_bias {
+        return Err(unsupported(
+            "attention_bias or mlp_bias is set: projections with biases are not supported".into(),
+        ));
+    }
+    if let Some(scaling) = hf.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+        return Err(unsupported(format!(
+            "rope_scaling {scaling} is set: only plain rotary embeddings are supported"
+        )));
+    }
+    if let Some(act) = hf.hidden_act.as_deref().filter(|a| *a != "silu") {
+        return Err(unsupported(format!(
+            "hidden_act `{act}`: only silu (SwiGLU) is supported"
+        )));
+    }
+    if let Some(window) = hf.sliding_window.as_ref().filter(|v| !v.is_null()) {
+        return Err(unsupported(format!(
+            "sliding_window {window} is set: only full attention is supported"
+        )));
+    }
+    let heads = hf.num_attention_heads;
+    let head_dim = hf
+        .head_dim
+        .unwrap_or_else(|| hf.hidden_size.checked_div(heads).unwrap_or(0));
+    let mut eos = hf.eos_token_id.map(OneOrMany::ids).unwrap_or_default();
+    let generation = dir.join(GENERATION_FILE);
+    if generation.is_file() {
+        let g: GenerationConfig = parse_json(&generation)?;
+        for id in g.eos_token_id.map(OneOrMany::ids).unwrap_or_default() {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
+    }
+    let Some((&first_eos, extra_eos)) = eos.split_first() else {
+        return Err(unsupported(
+            "no eos_token_id in config.json or generation_config.json: generation could not stop"
+                .into(),
+        ));
+    };
+    let config = ModelConfig {
+        name: name.to_owned(),
+        vocab: hf.vocab_size,
+        hidden: hf.hidden_size,
+        layers: hf.num_hidden_layers,
+        heads,
+        kv_heads: hf.num_key_value_heads.unwrap_or(heads),
+        head_dim,
+        ffn: hf.intermediate_size,
+        max_context: hf.max_position_embeddings.unwrap_or(DEFAULT_CONTEXT),
+        rope_theta: hf.rope_theta.unwrap_or(10_000.0),
+        rms_eps: hf.rms_norm_eps.unwrap_or(1e-5),
+        bos: hf.bos_token_id.unwrap_or(first_eos),
+        eos: first_eos,
+        extra_eos: extra_eos.to_vec(),
+    };
+    config
+        .validate()
+        .map_err(|source| CheckpointError::Config { path, source })?;
+    Ok((config, hf.tie_word_embeddings))
+}
+
+/// The weight files of `dir`: the shards its index names, or the one file.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+    let index = dir.join(INDEX_FILE);
+    if index.is_file() {
+        let index: ShardIndex = parse_json(&index)?;
+        let files: BTreeSet<&String> = index.weight_map.values().collect();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    Ok(vec![dir.join(WEIGHTS_FILE)])
+}
+
+/// Tensors found so far, widened to f32, and the file each came from.
+#[derive(Default)]
+struct Found {
+    tensors: BTreeMap<String, (PathBuf, Vec<usize>, Vec<f32>)>,
+}
+
+fn widen(path: &Path, name: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>, CheckpointError> {
+    let pairs = || {
+        data.chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    Ok(match dtype {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => pairs().map(|b| half::f16::from_bits(b).to_f32()).collect(),
+        Dtype::BF16 => pairs().map(|b| half::bf16::from_bits(b).to_f32()).collect(),
+        other => {
+            return Err(CheckpointError::Dtype {
+                path: path.to_owned(),
+                name: name.to_owned(),
+                dtype: format!("{other:?}"),
+            });
+        }
+    })
+}
+
+/// Whether a tensor is a buffer some writers save that the model recomputes.
+fn recomputed(name: &str) -> bool {
+    name.ends_with("rotary_emb.inv_freq")
+}
+
+/// Loads the checkpoint in `dir`; `name` is what requests call the model.
+/// `max_context`, when given, lowers the context the config allows.
+pub fn load(
+    dir: &Path,
+    name: &str,
+    max_context: Option<usize>,
+) -> Result<Checkpoint, CheckpointError> {
+    let (mut config, tie) = parse_config(dir, name)?;
+    if let Some(limit) = max_context {
+        config.max_context = config.max_context.min(limit.max(1));
+    }
+    let mut found = Found::default();
+    for path in weight_files(dir)? {
+        let bytes = read(&path)?;
+        let file = SafeTensors::deserialize(&bytes).map_err(|e| CheckpointError::Safetensors {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        for (tensor_name, view) in file.tensors() {
+            if recomputed(&tensor_name) {
+                continue;
+            }
+            let data = widen(&path, &tensor_name, view.dtype(), view.data())?;
+            found
+                .tensors
+                .insert(tensor_name, (path.clone(), view.shape().to_vec(), data));
+        }
+    }
+    let weights = assemble(dir, &config, tie, &mut found)?;
+    if let Some((name, (path, _, _))) = found.tensors.into_iter().next() {
+        return Err(CheckpointError::Unused { path, name });
+    }
+    Ok(Checkpoint { config, weights })
+}
+
+/// Takes every tensor the model needs out of `found`, checking shapes.
+fn assemble(
+    dir: &Path,
+    cfg: &ModelConfig,
+    tie: bool,
+    found: &mut Found,
+) -> Result<Weights, CheckpointError> {
+    let (h, q, kv, ffn) = (
+        cfg.hidden,
+        cfg.heads * cfg.head_dim,
+        cfg.kv_heads * cfg.head_dim,
+        cfg.ffn,
+    );
+    let tied = tie && !found.tensors.contains_key("lm_head.weight");
+    let mut take = |name: &str, expected: &[usize]| -> Result<Vec<f32>, CheckpointError> {
+        let (path, shape, data) =
+            found
+                .tensors
+                .remove(name)
+                .ok_or_else(|| CheckpointError::Missing {
+                    dir: dir.to_owned(),
+                    name: name.to_owned(),
+                })?;
+        if shape != expected {
+            return Err(CheckpointError::Shape {
+                path,
+                name: name.to_owned(),
+                found: shape,
+                expected: expected.to_vec(),
+            });
+        }
+        Ok(data)
+    };
+    let embed = take("model.embed_tokens.weight", &[cfg.vocab, h])?;
+    let mut layers = Vec::with_capacity(cfg.layers);
+    for i in 0..cfg.layers {
+        let p = format!("model.layers.{i}");
+        let attn_norm = take(&format!("{p}.input_layernorm.weight"), &[h])?;
+        let mut wqkv = take(&format!("{p}.self_attn.q_proj.weight"), &[q, h])?;
+        wqkv.extend(take(&format!("{p}.self_attn.k_proj.weight"), &[kv, h])?);
+        wqkv.extend(take(&format!("{p}.self_attn.v_proj.weight"), &[kv, h])?);
+        let wo = take(&format!("{p}.self_attn.o_proj.weight"), &[h, q])?;
+        let ffn_norm = take(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
+        let mut w_gate_up = take(&format!("{p}.mlp.gate_proj.weight"), &[ffn, h])?;
+        w_gate_up.extend(take(&format!("{p}.mlp.up_proj.weight"), &[ffn, h])?);
+        let w_down = take(&format!("{p}.mlp.down_proj.weight"), &[h, ffn])?;
+        layers.push(LayerWeights {
+            attn_norm,
+            wqkv,
+            wo,
+            ffn_norm,
+            w_gate_up,
+            w_down,
+        });
+    }
+    let final_norm = take("model.norm.weight", &[h])?;
+    let lm_head = if tied {
+        embed.clone()
+    } else {
+        take("lm_head.weight", &[cfg.vocab, h])?
+    };
+    Ok(Weights {
+        embed,
+        layers,
+        final_norm,
+        lm_head,
+    })
+}
+
+#[cfg(test)]
+mod tests;
