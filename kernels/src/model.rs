@@ -7,6 +7,7 @@
 //! tokenizer is byte-level: tokens 0–255 are bytes, then BOS and EOS.
 
 pub mod bpe;
+pub mod chat;
 pub mod checkpoint;
 mod config;
 mod rng;

@@ -2,9 +2,11 @@
 //! tokenizers of the kinds it reads are trained by the library
 //! (`tests/py/bpe_reference.py`, in the venv `cargo xtask setup` makes),
 //! and every text the library tokenized must give the same ids here, and
-//! those ids the same decoded text.
+//! those ids the same decoded text; and conversations the model families'
+//! own chat templates rendered (Jinja) and the library tokenized must give
+//! the same ids from [`ChatTemplate`].
 
-use bulkhead_kernels::model::bpe::BpeTokenizer;
+use bulkhead_kernels::model::{bpe::BpeTokenizer, chat::ChatTemplate};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -27,6 +29,18 @@ struct Case {
     text: String,
     ids: Vec<u32>,
     decoded: String,
+}
+
+#[derive(serde::Deserialize)]
+struct Message {
+    role: String,
+    content: String,
+}
+
+#[derive(serde::Deserialize)]
+struct Chat {
+    messages: Vec<Message>,
+    ids: Vec<u32>,
 }
 
 #[test]
@@ -74,6 +88,36 @@ fn every_kind_matches_the_tokenizers_library_on_every_text() {
                     "{kind}: decode of {:?}\n  library {:?}\n  ours    {:?}",
                     case.ids, case.decoded, decoded
                 ));
+            }
+        }
+    }
+    for (kind, template) in [
+        ("llama3", ChatTemplate::Llama3),
+        ("llama2", ChatTemplate::Llama2),
+        ("llama2-legacy", ChatTemplate::Llama2),
+    ] {
+        let tok = BpeTokenizer::from_file(&out.join(format!("{kind}.json")))
+            .unwrap_or_else(|e| panic!("{kind}: {e}"));
+        assert_eq!(ChatTemplate::detect(&tok), Some(template), "{kind}");
+        let chats: Vec<Chat> = serde_json::from_slice(
+            &std::fs::read(out.join(format!("{kind}.chat.json"))).expect("chats"),
+        )
+        .expect("chats parse");
+        assert!(chats.len() > 50, "{kind}: only {} chats", chats.len());
+        for chat in &chats {
+            checked += 1;
+            let turns: Vec<(&str, &str)> = chat
+                .messages
+                .iter()
+                .map(|m| (m.role.as_str(), m.content.as_str()))
+                .collect();
+            match template.encode(&tok, &turns) {
+                Ok(ids) if ids == chat.ids => {}
+                Ok(ids) => failures.push(format!(
+                    "{kind} chat: {turns:?}\n  library {:?}\n  ours    {ids:?}",
+                    chat.ids
+                )),
+                Err(e) => failures.push(format!("{kind} chat: {turns:?}: {e}")),
             }
         }
     }

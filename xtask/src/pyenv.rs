@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The pinned packages, as pip requirements and as (module, version) to check.
-pub const PACKAGES: [(&str, &str); 4] = [
+pub const PACKAGES: [(&str, &str); 5] = [
     ("aioquic", "1.7.2"),
     ("openai", "3.51.0"),
     // The Kubernetes schemas (bundled, offline) that `proxy/tests/deploy_artifacts.rs`
@@ -22,6 +22,8 @@ pub const PACKAGES: [(&str, &str); 4] = [
     // Hugging Face's tokenizers, the reference `kernels/tests/bpe_reference.rs`
     // holds the BPE tokenizer of real checkpoints to.
     ("tokenizers", "0.23.3"),
+    // Renders the model families' own chat templates for the same test.
+    ("jinja2", "3.1.6"),
 ];
 
 /// The venv's directory.

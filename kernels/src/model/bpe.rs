@@ -61,13 +61,25 @@ enum Kind {
     },
     /// SentencePiece-style: spaces become `▁`, one pre-token for the whole text.
     Metaspace {
-        /// Prepend `▁` even when the text starts with one (the legacy normalizer's way).
-        always_prepend: bool,
-        /// Prepend at all.
-        prepend: bool,
+        /// When a piece of text gets a `▁` in front.
+        prepend: Prepend,
         /// Drop one leading space when decoding (what the prepended `▁` became).
         strip_leading_space: bool,
     },
+}
+
+/// When `SentencePiece`-style text gets a `▁` in front (text between
+/// special tokens comes in pieces).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Prepend {
+    /// Never.
+    Never,
+    /// The first piece, unless it starts with `▁` (`Metaspace`, scheme `first`).
+    First,
+    /// Every piece that does not start with `▁` (`Metaspace`, scheme `always`).
+    Always,
+    /// Every piece, always (the legacy `Prepend` normalizer).
+    Legacy,
 }
 
 /// A BPE tokenizer.
@@ -290,7 +302,7 @@ fn kind_of(path: &str, file: &File) -> Result<Kind, TokenizerError> {
     }
     // SentencePiece-style: a Metaspace pre-tokenizer, or the legacy
     // normalizers (Prepend `▁`, Replace ' ' → `▁`) with none.
-    let (prepend, always_prepend) = match (pre.as_slice(), normalizers.as_slice()) {
+    let prepend = match (pre.as_slice(), normalizers.as_slice()) {
         ([p], []) if type_of(p) == "Metaspace" => {
             if p.get("split").and_then(Value::as_bool).unwrap_or(true) {
                 return Err(invalid(
@@ -298,11 +310,17 @@ fn kind_of(path: &str, file: &File) -> Result<Kind, TokenizerError> {
                     "a Metaspace pre-tokenizer with split = true is not supported",
                 ));
             }
-            let scheme = p
-                .get("prepend_scheme")
-                .and_then(Value::as_str)
-                .unwrap_or("always");
-            (scheme != "never", false)
+            match p.get("prepend_scheme").and_then(Value::as_str) {
+                Some("never") => Prepend::Never,
+                Some("first") => Prepend::First,
+                Some("always") | None => Prepend::Always,
+                Some(other) => {
+                    return Err(invalid(
+                        path,
+                        format!("a Metaspace prepend_scheme {other:?} is not supported"),
+                    ));
+                }
+            }
         }
         ([], [a, b])
             if type_of(a) == "Prepend"
@@ -311,7 +329,7 @@ fn kind_of(path: &str, file: &File) -> Result<Kind, TokenizerError> {
                 && b.pointer("/pattern/String").and_then(Value::as_str) == Some(" ")
                 && b.get("content").and_then(Value::as_str) == Some("▁") =>
         {
-            (true, true)
+            Prepend::Legacy
         }
         _ => {
             let names: Vec<&str> = normalizers.iter().chain(&pre).map(|v| type_of(v)).collect();
@@ -329,7 +347,6 @@ fn kind_of(path: &str, file: &File) -> Result<Kind, TokenizerError> {
                 && d.get("prepend_scheme").and_then(Value::as_str) != Some("never"))
     });
     Ok(Kind::Metaspace {
-        always_prepend,
         prepend,
         strip_leading_space,
     })
@@ -504,6 +521,14 @@ impl BpeTokenizer {
 
     /// `text`'s tokens, with no special tokens added and none recognized in it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_segment(text, true)
+    }
+
+    /// The tokens of a piece of text that sits between special tokens;
+    /// `first` when nothing comes before it. As the `tokenizers` library
+    /// encodes the text between added tokens: a `Metaspace` pre-tokenizer
+    /// whose scheme is `first` prepends `▁` to the first piece only.
+    pub fn encode_segment(&self, text: &str, first: bool) -> Result<Vec<u32>, TokenizerError> {
         let mut out = Vec::with_capacity(text.len() / 3 + 1);
         match &self.kind {
             Kind::ByteLevel {
@@ -525,16 +550,18 @@ impl BpeTokenizer {
                     self.word(&word, &mut out)?;
                 }
             }
-            Kind::Metaspace {
-                always_prepend,
-                prepend,
-                ..
-            } => {
+            Kind::Metaspace { prepend, .. } => {
                 if text.is_empty() {
                     return Ok(out);
                 }
                 let mut word = text.replace(' ', "▁");
-                if *prepend && (*always_prepend || !word.starts_with(SPACE)) {
+                let add = match prepend {
+                    Prepend::Never => false,
+                    Prepend::First => first && !word.starts_with(SPACE),
+                    Prepend::Always => !word.starts_with(SPACE),
+                    Prepend::Legacy => true,
+                };
+                if add {
                     word.insert(0, SPACE);
                 }
                 self.word(&word, &mut out)?;
