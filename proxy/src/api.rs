@@ -9,11 +9,13 @@
 pub mod metrics;
 pub mod openai;
 pub mod record;
+pub mod text;
 
 use self::{
     metrics::{KernelCounts, Metrics},
-    openai::{Kind, Utf8Stream},
+    openai::Kind,
     record::{AuditHook, Record, RequestFacts},
+    text::{ModelText, OutputText},
 };
 use crate::{
     dispatch::{DispatchError, Dispatcher, Event, Job},
@@ -28,7 +30,6 @@ use bulkhead_core::{
     limits::TenantLimiter,
     wire::{FinishReason, Finished, Sampling},
 };
-use bulkhead_kernels::model::{ByteTokenizer, ModelConfig};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde_json::{Value, json};
@@ -61,7 +62,11 @@ pub struct App {
     policy: RwLock<Arc<Policy>>,
     dispatcher: Dispatcher,
     metrics: Arc<Metrics>,
-    tokenizer: ByteTokenizer,
+    /// Each configured model's text side (models change only with a restart).
+    texts: HashMap<String, Arc<ModelText>>,
+    /// For a model not configured: the request is refused at admission,
+    /// after its prompt is counted with this.
+    builtin: Arc<ModelText>,
     epoch: Instant,
     kernel: Option<(Arc<Mutex<crate::ebpf::KernelPlane>>, Arc<KernelFlows>)>,
     audit: Option<AuditHook>,
@@ -128,12 +133,25 @@ impl App {
         dispatcher: Dispatcher,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
+        let texts = ModelText::load_all(&config)?;
+        Self::with_texts(config, dispatcher, metrics, texts)
+    }
+
+    /// [`Self::new`] with the models' text sides already loaded
+    /// ([`ModelText::load_all`]: `serve` loads them before its workers start).
+    pub fn with_texts(
+        config: Config,
+        dispatcher: Dispatcher,
+        metrics: Arc<Metrics>,
+        texts: HashMap<String, Arc<ModelText>>,
+    ) -> anyhow::Result<Self> {
         let policy = Policy::build(config, &HashMap::new(), Timestamp::ZERO)?;
         Ok(Self {
             policy: RwLock::new(Arc::new(policy)),
             dispatcher,
             metrics,
-            tokenizer: ByteTokenizer::new(&ModelConfig::tiny()),
+            texts,
+            builtin: Arc::new(ModelText::builtin()),
             epoch: Instant::now(),
             kernel: None,
             audit: None,
@@ -417,7 +435,8 @@ impl App {
             e.param = b.param;
             fail(e)
         })?;
-        let prompt_tokens = self.tokenizer.encode(&parsed.prompt);
+        let model_text = Arc::clone(self.texts.get(&parsed.model).unwrap_or(&self.builtin));
+        let prompt_tokens = encode_prompt(&model_text, &parsed).map_err(fail)?;
         let context = policy
             .config
             .model(&parsed.model)
@@ -428,7 +447,7 @@ impl App {
             .unwrap_or_else(|| tenant.policy.max_tokens_per_request.min(room).max(1));
         let request = AdmissionRequest {
             model: &parsed.model,
-            prompt_bytes: parsed.prompt.len() as u64,
+            prompt_bytes: parsed.prompt.content_bytes() as u64,
             prompt_tokens: u32::try_from(prompt_tokens.len()).unwrap_or(u32::MAX),
             max_tokens,
         };
@@ -451,7 +470,7 @@ impl App {
             model: parsed.model.clone(),
             prompt_tokens,
             max_tokens,
-            sampling: sampling_of(&parsed),
+            sampling: sampling_of(&parsed, model_text.worker_stops()),
             kv_block_quota: tenant.policy.kv_block_quota,
         };
         let ticket = match self.dispatcher.submit(job) {
@@ -486,6 +505,7 @@ impl App {
                 .map_or(0, |d| d.as_secs()),
             arrived,
             stream: parsed.stream,
+            output: OutputText::new(model_text, &parsed.stop),
         };
         let completion_id = format!(
             "{}-{:032x}",
@@ -629,16 +649,44 @@ impl Policy {
 }
 
 /// The worker's sampling parameters of a parsed request.
-fn sampling_of(parsed: &openai::CompletionRequest) -> Sampling {
+/// The prompt's tokens for its model; a prompt the model has no tokens or
+/// template for is a 400 naming the parameter.
+fn encode_prompt(
+    model: &ModelText,
+    parsed: &openai::CompletionRequest,
+) -> Result<Vec<u32>, ApiError> {
+    model.encode(&parsed.prompt).map_err(|message| {
+        let mut e = ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_prompt",
+            message,
+        );
+        e.param = Some(match parsed.kind {
+            Kind::Chat => "messages",
+            Kind::Text => "prompt",
+        });
+        e
+    })
+}
+
+/// The request's sampling; its stop strings as byte tokens when the
+/// model's workers find them (the built-in model), else none (the proxy
+/// finds them in the text, [`OutputText`]).
+fn sampling_of(parsed: &openai::CompletionRequest, worker_stops: bool) -> Sampling {
     Sampling {
         temperature: parsed.temperature,
         top_p: parsed.top_p,
         seed: parsed.seed,
-        stop: parsed
-            .stop
-            .iter()
-            .map(|s| s.bytes().map(u32::from).collect())
-            .collect(),
+        stop: if worker_stops {
+            parsed
+                .stop
+                .iter()
+                .map(|s| s.bytes().map(u32::from).collect())
+                .collect()
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -661,6 +709,8 @@ struct Run {
     created: u64,
     arrived: Instant,
     stream: bool,
+    /// Its output as text.
+    output: OutputText,
 }
 
 /// How a request ended, for the answer.
@@ -693,7 +743,6 @@ impl Run {
         id: &str,
         mut release: ReleaseOnDrop,
     ) -> ApiResponse {
-        let mut text = Utf8Stream::default();
         let mut out = Outcome {
             text: String::new(),
             reason: None,
@@ -706,8 +755,16 @@ impl Run {
         while let Some(event) = ticket.next().await {
             self.observe(&event, &mut first);
             match event {
-                Event::Tokens { tokens, .. } => out.text.push_str(&text.push(&bytes_of(&tokens))),
-                Event::Finished(f) => {
+                Event::Tokens { tokens, .. } => {
+                    out.text.push_str(&self.output.push(&tokens));
+                    if self.output.stopped() {
+                        ticket.stop();
+                    }
+                }
+                Event::Finished(mut f) => {
+                    if self.output.stopped() && f.reason == FinishReason::Cancelled {
+                        f.reason = FinishReason::Stop;
+                    }
                     out.reason = Some(f.reason);
                     out.prompt_tokens = f.prompt_tokens;
                     out.output_tokens = f.output_tokens;
@@ -723,7 +780,7 @@ impl Run {
                 Event::Dispatched { .. } | Event::Rejected(_) => {}
             }
         }
-        out.text.push_str(&text.finish());
+        out.text.push_str(&self.output.finish());
         let record = self.record.take();
         release.used = u64::from(out.prompt_tokens) + u64::from(out.output_tokens);
         drop(release);
@@ -801,7 +858,6 @@ impl Run {
         tx: mpsc::Sender<Bytes>,
     ) {
         let metrics = self.app_metrics.clone();
-        let mut text = Utf8Stream::default();
         let mut first = true;
         let mut sent_role = false;
         let error = |message: &str, code: &str| {
@@ -818,7 +874,10 @@ impl Run {
             self.observe(&event, &mut first);
             let chunk = match event {
                 Event::Tokens { tokens, .. } => {
-                    let piece = text.push(&bytes_of(&tokens));
+                    let piece = self.output.push(&tokens);
+                    if self.output.stopped() {
+                        ticket.stop();
+                    }
                     if piece.is_empty() {
                         continue;
                     }
@@ -829,7 +888,10 @@ impl Run {
                     sent_role = true;
                     c
                 }
-                Event::Finished(f) => {
+                Event::Finished(mut f) => {
+                    if self.output.stopped() && f.reason == FinishReason::Cancelled {
+                        f.reason = FinishReason::Stop;
+                    }
                     let usage = (f.prompt_tokens, f.output_tokens);
                     release.used = u64::from(f.prompt_tokens) + u64::from(f.output_tokens);
                     metrics.tokens(&self.tenant, u64::from(usage.0), u64::from(usage.1));
@@ -844,7 +906,7 @@ impl Run {
                         metrics.request(Some(&self.tenant), 502);
                         return;
                     }
-                    let tail = text.finish();
+                    let tail = self.output.finish();
                     if let Some(r) = self.record.as_mut() {
                         r.text(&tail);
                     }
@@ -1145,13 +1207,6 @@ fn dispatch_error(e: &DispatchError) -> ApiError {
             e.to_string(),
         ),
     }
-}
-
-fn bytes_of(tokens: &[u32]) -> Vec<u8> {
-    tokens
-        .iter()
-        .filter_map(|&t| u8::try_from(t).ok())
-        .collect()
 }
 
 fn sse(value: &Value) -> Bytes {

@@ -215,9 +215,16 @@ struct WorkerArgs {
     /// For `--backend sim`: return at once instead of sleeping each step's modelled time.
     #[arg(long)]
     sim_fast: bool,
-    /// Another name requests may use for the built-in model (the config's model name).
+    /// Another name requests may use for the model (the config's model name).
     #[arg(long = "model-name")]
     model_names: Vec<String>,
+    /// Serve the Llama-family checkpoint in this directory (`config.json`,
+    /// `model.safetensors` or its shards) instead of the built-in model.
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    /// Lower the checkpoint's context to this many tokens.
+    #[arg(long)]
+    max_context: Option<usize>,
     /// Exit when this process (the `serve` that started us) exits, however it ends.
     #[arg(long)]
     parent_pid: Option<i32>,
@@ -495,6 +502,8 @@ fn run_worker(args: WorkerArgs) -> anyhow::Result<String> {
         worker_id: args.worker_id,
         sim_realtime: !args.sim_fast,
         model_aliases: args.model_names,
+        model_dir: args.model_dir,
+        max_context: args.max_context,
     })?;
     Ok(String::new())
 }

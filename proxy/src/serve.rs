@@ -147,6 +147,9 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
         .with_context(|| format!("config {}", opts.config.display()))?;
     let tls = ServerTls::from_paths(&config.tls)?;
     let ids = connection_ids(&config)?;
+    // Checkpoints (config, weight headers, tokenizer) are checked before any
+    // worker starts to load one.
+    let texts = crate::api::text::ModelText::load_all(&config)?;
     prepare_runtime_dir(&opts.runtime_dir)?;
     let gpu = bulkhead_kernels::cuda::available();
     let specs = plan::plan_workers(&config, &opts.runtime_dir, gpu);
@@ -169,8 +172,13 @@ pub async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     };
     let log = audit::open(&config.audit)?;
     tracing::info!("audit log in {}", config.audit.dir.display());
-    let mut app = App::new(config.clone(), dispatcher, Arc::new(Metrics::default()))?
-        .with_audit(log.hook.clone());
+    let mut app = App::with_texts(
+        config.clone(),
+        dispatcher,
+        Arc::new(Metrics::default()),
+        texts,
+    )?
+    .with_audit(log.hook.clone());
     if let (Some(plane), Some(flows)) = (&plane, &flows) {
         app = app.with_kernel(plane.clone(), flows.clone());
         tokio::spawn(audit::record_kernel_drops(

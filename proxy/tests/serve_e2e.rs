@@ -52,7 +52,7 @@ fn port(addr: &str) -> &str {
 /// The tokens a worker gives directly for this chat body.
 fn direct_tokens(dir: &Path, body: &Value) -> String {
     let req = parse(Kind::Chat, body.to_string().as_bytes()).unwrap();
-    let tokens = ByteTokenizer::new(&ModelConfig::tiny()).encode(&req.prompt);
+    let tokens = ByteTokenizer::new(&ModelConfig::tiny()).encode(&req.prompt.render_builtin());
     let socket = dir.join("direct.sock");
     let mut worker = Command::new(BIN)
         .args([

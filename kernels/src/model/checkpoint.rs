@@ -36,6 +36,14 @@ pub enum CheckpointError {
         /// Why.
         source: std::io::Error,
     },
+    /// A file could not be written.
+    #[error("writing {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A JSON file does not parse as what it should hold.
     #[error("{}: {detail}", path.display())]
     Json {
@@ -342,17 +350,177 @@ fn recomputed(name: &str) -> bool {
     name.ends_with("rotary_emb.inv_freq")
 }
 
+/// A tensor as its file's header describes it.
+struct Entry {
+    path: PathBuf,
+    dtype: String,
+    shape: Vec<usize>,
+}
+
+/// Largest safetensors header read (the format's own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// The tensors a safetensors file's header lists, read without its data;
+/// a file whose length is not what its header implies (a truncated
+/// download) is refused.
+fn header(path: &Path, into: &mut BTreeMap<String, Entry>) -> Result<(), CheckpointError> {
+    use std::io::Read as _;
+    let invalid = |detail: String| CheckpointError::Safetensors {
+        path: path.to_owned(),
+        detail,
+    };
+    let read_error = |source| CheckpointError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    let len = file.metadata().map_err(read_error)?.len();
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n)
+        .map_err(|_| invalid(format!("{len} bytes, shorter than a header")))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || 8 + n > len {
+        return Err(invalid(format!("a header of {n} bytes in a file of {len}")));
+    }
+    let mut text = vec![0u8; usize::try_from(n).expect("at most MAX_HEADER")];
+    file.read_exact(&mut text).map_err(read_error)?;
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text)
+        .map_err(|e| invalid(format!("its header is not JSON: {e}")))?;
+    let mut end = 0u64;
+    for (name, info) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info.get("dtype").and_then(serde_json::Value::as_str);
+        let shape: Option<Vec<usize>> = info
+            .get("shape")
+            .and_then(serde_json::Value::as_array)
+            .and_then(|a| {
+                a.iter()
+                    .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                    .collect()
+            });
+        let offsets = info
+            .get("data_offsets")
+            .and_then(serde_json::Value::as_array)
+            .and_then(|a| a.get(1))
+            .and_then(serde_json::Value::as_u64);
+        let (Some(dtype), Some(shape), Some(stop)) = (dtype, shape, offsets) else {
+            return Err(invalid(format!(
+                "tensor `{name}` lacks a dtype, a shape or data offsets"
+            )));
+        };
+        end = end.max(stop);
+        into.insert(
+            name,
+            Entry {
+                path: path.to_owned(),
+                dtype: dtype.to_owned(),
+                shape,
+            },
+        );
+    }
+    if 8 + n + end != len {
+        return Err(invalid(format!(
+            "the file is {len} bytes but its header describes {} (a partial copy?)",
+            8 + n + end
+        )));
+    }
+    Ok(())
+}
+
+/// Every tensor the model reads, with its shape, in load order.
+fn expected(cfg: &ModelConfig, head: bool) -> Vec<(String, Vec<usize>)> {
+    let (h, q, kv, ffn) = (
+        cfg.hidden,
+        cfg.heads * cfg.head_dim,
+        cfg.kv_heads * cfg.head_dim,
+        cfg.ffn,
+    );
+    let mut out = vec![("model.embed_tokens.weight".to_owned(), vec![cfg.vocab, h])];
+    for i in 0..cfg.layers {
+        let p = format!("model.layers.{i}");
+        out.extend([
+            (format!("{p}.input_layernorm.weight"), vec![h]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![q, h]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![h, q]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![ffn, h]),
+            (format!("{p}.mlp.up_proj.weight"), vec![ffn, h]),
+            (format!("{p}.mlp.down_proj.weight"), vec![h, ffn]),
+        ]);
+    }
+    out.push(("model.norm.weight".to_owned(), vec![h]));
+    if head {
+        out.push(("lm_head.weight".to_owned(), vec![cfg.vocab, h]));
+    }
+    out
+}
+
+/// Checks the checkpoint in `dir` as [`load`] would, reading its config
+/// and its weight files' headers but no weights: every tensor present, in
+/// its shape and a dtype that is read, none left over, no file cut short.
+/// Returns the model's shapes (`name`, the context lowered to `max_context`).
+pub fn check(
+    dir: &Path,
+    name: &str,
+    max_context: Option<usize>,
+) -> Result<ModelConfig, CheckpointError> {
+    let (mut config, tie) = parse_config(dir, name)?;
+    if let Some(limit) = max_context {
+        config.max_context = config.max_context.min(limit.max(1));
+    }
+    let mut entries = BTreeMap::new();
+    for path in weight_files(dir)? {
+        header(&path, &mut entries)?;
+    }
+    entries.retain(|name, _| !recomputed(name));
+    if let Some((name, e)) = entries
+        .iter()
+        .find(|(_, e)| !matches!(e.dtype.as_str(), "F32" | "F16" | "BF16"))
+    {
+        return Err(CheckpointError::Dtype {
+            path: e.path.clone(),
+            name: name.clone(),
+            dtype: e.dtype.clone(),
+        });
+    }
+    let head = !tie || entries.contains_key("lm_head.weight");
+    for (name, shape) in expected(&config, head) {
+        let e = entries
+            .remove(&name)
+            .ok_or_else(|| CheckpointError::Missing {
+                dir: dir.to_owned(),
+                name: name.clone(),
+            })?;
+        if e.shape != shape {
+            return Err(CheckpointError::Shape {
+                path: e.path,
+                name,
+                found: e.shape,
+                expected: shape,
+            });
+        }
+    }
+    if let Some((name, e)) = entries.into_iter().next() {
+        return Err(CheckpointError::Unused { path: e.path, name });
+    }
+    Ok(config)
+}
+
 /// Loads the checkpoint in `dir`; `name` is what requests call the model.
-/// `max_context`, when given, lowers the context the config allows.
+/// `max_context`, when given, lowers the context the config allows. It is
+/// [`check`]ed first, so a bad checkpoint is refused before gigabytes of
+/// weights are read.
 pub fn load(
     dir: &Path,
     name: &str,
     max_context: Option<usize>,
 ) -> Result<Checkpoint, CheckpointError> {
-    let (mut config, tie) = parse_config(dir, name)?;
-    if let Some(limit) = max_context {
-        config.max_context = config.max_context.min(limit.max(1));
-    }
+    let config = check(dir, name, max_context)?;
+    let (_, tie) = parse_config(dir, name)?;
     let mut found = Found::default();
     for path in weight_files(dir)? {
         let bytes = read(&path)?;
@@ -443,6 +611,111 @@ fn assemble(
         layers,
         final_norm,
         lm_head,
+    })
+}
+
+/// Writes `weights` as a checkpoint [`load`] reads back bit for bit
+/// (`config.json`, F32 `model.safetensors`, Hugging Face's tensor names):
+/// the built-in model, say, for a host to serve as a checkpoint.
+pub fn save(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Result<(), CheckpointError> {
+    let write_error =
+        |path: PathBuf| move |source: std::io::Error| CheckpointError::Write { path, source };
+    std::fs::create_dir_all(dir).map_err(write_error(dir.to_owned()))?;
+    let mut eos = vec![cfg.eos];
+    eos.extend(&cfg.extra_eos);
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab,
+        "hidden_size": cfg.hidden,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.ffn,
+        "max_position_embeddings": cfg.max_context,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_eps,
+        "bos_token_id": cfg.bos,
+        "eos_token_id": eos,
+        "hidden_act": "silu",
+        "tie_word_embeddings": false,
+        "torch_dtype": "float32",
+    });
+    let path = dir.join(CONFIG_FILE);
+    let text = serde_json::to_vec_pretty(&config).expect("a JSON value serializes");
+    std::fs::write(&path, text).map_err(write_error(path.clone()))?;
+    let (h, q, kv, ffn) = (
+        cfg.hidden,
+        cfg.heads * cfg.head_dim,
+        cfg.kv_heads * cfg.head_dim,
+        cfg.ffn,
+    );
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = vec![
+        (
+            "model.embed_tokens.weight".into(),
+            vec![cfg.vocab, h],
+            &weights.embed,
+        ),
+        ("model.norm.weight".into(), vec![h], &weights.final_norm),
+        (
+            "lm_head.weight".into(),
+            vec![cfg.vocab, h],
+            &weights.lm_head,
+        ),
+    ];
+    for (i, l) in weights.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        let (wq, rest) = l.wqkv.split_at(q * h);
+        let (wk, wv) = rest.split_at(kv * h);
+        let (gate, up) = l.w_gate_up.split_at(ffn * h);
+        tensors.extend([
+            (
+                format!("{p}.input_layernorm.weight"),
+                vec![h],
+                &l.attn_norm[..],
+            ),
+            (format!("{p}.self_attn.q_proj.weight"), vec![q, h], wq),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv, h], wk),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv, h], wv),
+            (
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![h, q],
+                &l.wo[..],
+            ),
+            (
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                &l.ffn_norm[..],
+            ),
+            (format!("{p}.mlp.gate_proj.weight"), vec![ffn, h], gate),
+            (format!("{p}.mlp.up_proj.weight"), vec![ffn, h], up),
+            (
+                format!("{p}.mlp.down_proj.weight"),
+                vec![h, ffn],
+                &l.w_down[..],
+            ),
+        ]);
+    }
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, shape, v)| (n, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let path = dir.join(WEIGHTS_FILE);
+    let views = bytes
+        .iter()
+        .map(|(n, shape, b)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
+                .map(|v| (n.clone(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CheckpointError::Safetensors {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+    safetensors::serialize_to_file(views, None, &path).map_err(|e| CheckpointError::Safetensors {
+        path: path.clone(),
+        detail: e.to_string(),
     })
 }
 

@@ -262,6 +262,24 @@ pub struct ModelSpec {
     pub backend: Option<ModelBackend>,
     /// Longest sequence (prompt + output) in tokens.
     pub max_context_tokens: u32,
+    /// A Llama-family checkpoint directory (`config.json`, safetensors
+    /// weights, `tokenizer.json`); `None` serves the built-in model.
+    pub path: Option<PathBuf>,
+    /// The chat template of a checkpoint; `None` picks it from the
+    /// tokenizer's special tokens.
+    pub chat_template: Option<ChatTemplateName>,
+}
+
+/// A chat template a checkpoint may name (`chat_template`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatTemplateName {
+    /// Llama 3's header-and-`<|eot_id|>` turns.
+    Llama3,
+    /// Llama 2's `[INST]` turns.
+    Llama2,
+    /// None: the model serves `/v1/completions` only.
+    None,
 }
 
 /// Worker backend of a model.

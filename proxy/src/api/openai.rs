@@ -11,8 +11,8 @@ pub struct CompletionRequest {
     pub kind: Kind,
     /// The model name.
     pub model: String,
-    /// The prompt as text, after the chat template.
-    pub prompt: String,
+    /// The prompt: text, or chat turns (the model's template renders them).
+    pub prompt: Prompt,
     /// `max_tokens` (or `max_completion_tokens`), when given.
     pub max_tokens: Option<u32>,
     /// Sampling temperature (default 1).
@@ -27,6 +27,93 @@ pub struct CompletionRequest {
     pub stream: bool,
     /// The end user, for the tenant's own records (hashed into the audit, never logged).
     pub user: Option<String>,
+}
+
+/// What a request asks the model to continue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prompt {
+    /// `/v1/completions`: the text itself.
+    Text(String),
+    /// `/v1/chat/completions`: the turns, in order (at least one).
+    Chat(Vec<Turn>),
+}
+
+/// One chat message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Turn {
+    /// Its role.
+    pub role: Role,
+    /// Its text (text parts joined; empty for an assistant turn without content).
+    pub content: String,
+}
+
+/// The roles a chat message may have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `system`.
+    System,
+    /// `developer` (OpenAI's newer name for system instructions).
+    Developer,
+    /// `user`.
+    User,
+    /// `assistant`.
+    Assistant,
+    /// `tool`.
+    Tool,
+}
+
+impl Role {
+    fn parse(role: &str) -> Option<Self> {
+        Some(match role {
+            "system" => Self::System,
+            "developer" => Self::Developer,
+            "user" => Self::User,
+            "assistant" => Self::Assistant,
+            "tool" => Self::Tool,
+            _ => return None,
+        })
+    }
+
+    /// The name a request uses.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::Developer => "developer",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+            Self::Tool => "tool",
+        }
+    }
+}
+
+impl Prompt {
+    /// The prompt's own bytes (its text, or every turn's content): what
+    /// the tenant's `max_prompt_bytes` caps.
+    pub fn content_bytes(&self) -> usize {
+        match self {
+            Self::Text(t) => t.len(),
+            Self::Chat(turns) => turns.iter().map(|t| t.content.len()).sum(),
+        }
+    }
+
+    /// The text the built-in model reads: the prompt itself, or one
+    /// `<|role|>` line per turn, each followed by its content, then the
+    /// assistant's turn.
+    pub fn render_builtin(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Self::Text(t) => std::borrow::Cow::Borrowed(t),
+            Self::Chat(turns) => {
+                let mut out = String::with_capacity(
+                    self.content_bytes() + 16 * turns.len() + "<|assistant|>\n".len(),
+                );
+                for t in turns {
+                    push_turn(&mut out, t.role.name(), &t.content);
+                }
+                out.push_str("<|assistant|>\n");
+                std::borrow::Cow::Owned(out)
+            }
+        }
+    }
 }
 
 /// Which endpoint.
@@ -93,7 +180,7 @@ struct PlainMessage<'a> {
 pub fn parse(kind: Kind, body: &[u8]) -> Result<CompletionRequest, BadRequest> {
     if kind == Kind::Chat
         && let Ok(raw) = serde_json::from_slice::<Raw<Vec<PlainMessage<'_>>>>(body)
-        && let Some(prompt) = raw.messages.as_deref().and_then(render_plain)
+        && let Some(prompt) = raw.messages.as_deref().and_then(plain_turns)
     {
         let model = checked_model(raw.model.as_ref())?.to_owned();
         return checked(kind, raw, model, prompt);
@@ -112,11 +199,11 @@ fn parse_values(kind: Kind, body: &[u8]) -> Result<CompletionRequest, BadRequest
     // The model's error comes before the prompt's.
     let model = checked_model(raw.model.as_ref())?.to_owned();
     let prompt = match kind {
-        Kind::Chat => render_chat(raw.messages.as_ref())?,
+        Kind::Chat => Prompt::Chat(chat_turns(raw.messages.as_ref())?),
         Kind::Text => match &raw.prompt {
-            Some(Value::String(p)) => p.clone(),
+            Some(Value::String(p)) => Prompt::Text(p.clone()),
             Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
-                a[0].as_str().unwrap_or_default().to_owned()
+                Prompt::Text(a[0].as_str().unwrap_or_default().to_owned())
             }
             Some(_) => {
                 return Err(bad(
@@ -139,30 +226,26 @@ fn checked_model(model: Option<&Value>) -> Result<&str, BadRequest> {
     }
 }
 
-/// The chat template over messages of the common shape; `None` for anything
-/// [`render_chat`] would refuse (left to it, for its message).
-fn render_plain(messages: &[PlainMessage<'_>]) -> Option<String> {
+/// The turns of messages of the common shape; `None` for anything
+/// [`chat_turns`] would refuse (left to it, for its message).
+fn plain_turns(messages: &[PlainMessage<'_>]) -> Option<Prompt> {
     if messages.is_empty() {
         return None;
     }
-    let mut out = String::new();
+    let mut turns = Vec::with_capacity(messages.len());
     for m in messages {
-        let role = m.role.as_ref();
-        if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool") {
-            return None;
-        }
+        let role = Role::parse(&m.role)?;
         let content = match &m.content {
-            Some(c) => c.as_ref(),
-            None if role == "assistant" => "",
+            Some(c) => c.as_ref().to_owned(),
+            None if role == Role::Assistant => String::new(),
             None => return None,
         };
-        push_turn(&mut out, role, content);
+        turns.push(Turn { role, content });
     }
-    out.push_str("<|assistant|>\n");
-    Some(out)
+    Some(Prompt::Chat(turns))
 }
 
-/// One turn of the chat template.
+/// One turn of the built-in model's chat template.
 fn push_turn(out: &mut String, role: &str, content: &str) {
     out.push_str("<|");
     out.push_str(role);
@@ -177,7 +260,7 @@ fn checked<M>(
     kind: Kind,
     raw: Raw<M>,
     model: String,
-    prompt: String,
+    prompt: Prompt,
 ) -> Result<CompletionRequest, BadRequest> {
     if let Some(n) = raw.n
         && n != 1
@@ -277,9 +360,8 @@ fn number(
     }
 }
 
-/// The chat template of the built-in model: one `<|role|>` line per message,
-/// then the assistant's turn.
-fn render_chat(messages: Option<&Value>) -> Result<String, BadRequest> {
+/// The turns of `messages`, each checked.
+fn chat_turns(messages: Option<&Value>) -> Result<Vec<Turn>, BadRequest> {
     let Some(Value::Array(messages)) = messages else {
         return Err(bad(
             "'messages' must be a non-empty array",
@@ -292,7 +374,7 @@ fn render_chat(messages: Option<&Value>) -> Result<String, BadRequest> {
             Some("messages"),
         ));
     }
-    let mut out = String::new();
+    let mut turns = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
             bad(
@@ -300,14 +382,14 @@ fn render_chat(messages: Option<&Value>) -> Result<String, BadRequest> {
                 Some("messages"),
             )
         })?;
-        if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool") {
+        let Some(role) = Role::parse(role) else {
             return Err(bad(
                 format!(
                     "messages[{i}].role '{role}' is not one of system, developer, user, assistant, tool"
                 ),
                 Some("messages"),
             ));
-        }
+        };
         let content = match m.get("content") {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(parts)) => {
@@ -328,7 +410,7 @@ fn render_chat(messages: Option<&Value>) -> Result<String, BadRequest> {
                 }
                 text
             }
-            Some(Value::Null) | None if role == "assistant" => String::new(),
+            Some(Value::Null) | None if role == Role::Assistant => String::new(),
             _ => {
                 return Err(bad(
                     format!("messages[{i}].content must be a string or an array of text parts"),
@@ -336,10 +418,9 @@ fn render_chat(messages: Option<&Value>) -> Result<String, BadRequest> {
                 ));
             }
         };
-        push_turn(&mut out, role, &content);
+        turns.push(Turn { role, content });
     }
-    out.push_str("<|assistant|>\n");
-    Ok(out)
+    Ok(turns)
 }
 
 /// Turns output bytes into text for streaming: whole UTF-8 characters only,
@@ -388,9 +469,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            r.prompt,
+            r.prompt.render_builtin(),
             "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"
         );
+        assert_eq!(r.prompt.content_bytes(), "be brief".len() + "hi".len());
         assert!(r.stream);
         assert_eq!((r.seed, r.max_tokens, r.stop.len()), (Some(7), Some(5), 1));
     }
@@ -437,9 +519,9 @@ mod tests {
     fn the_common_chat_body_takes_the_fast_path() {
         let body = br#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi \u00e9"},{"role":"assistant"}],"max_tokens":1,"temperature":0}"#;
         let raw: Raw<Vec<PlainMessage<'_>>> = serde_json::from_slice(body).unwrap();
-        let prompt = raw.messages.as_deref().and_then(render_plain).unwrap();
+        let prompt = raw.messages.as_deref().and_then(plain_turns).unwrap();
         assert_eq!(
-            prompt,
+            prompt.render_builtin(),
             "<|system|>\nbe brief\n<|user|>\nhi \u{e9}\n<|assistant|>\n\n<|assistant|>\n"
         );
         assert_eq!(parse(Kind::Chat, body), parse_values(Kind::Chat, body));

@@ -100,6 +100,15 @@ impl Ticket {
         }
         event
     }
+
+    /// Ends the request on its worker early (the proxy found a stop string
+    /// in its text) while its events keep coming: the worker's `Finished`
+    /// (reason `Cancelled`, with the tokens it used) still arrives.
+    pub fn stop(&mut self) {
+        if !self.done {
+            self.shared.lock().stop(self.id);
+        }
+    }
 }
 
 impl Drop for Ticket {
@@ -360,6 +369,22 @@ impl State {
             && let Some(tx) = &self.workers[w].tx
         {
             // The record stays until the worker's Finished frees the slot.
+            let _ = tx.send(ProxyToWorker::Cancel { request_id: id });
+        }
+    }
+
+    /// Asks the worker running `id` to end it, keeping its events flowing.
+    /// A request still queued has produced nothing to stop.
+    pub fn stop(&mut self, id: RequestId) {
+        let Some(live) = self.requests.get(&id) else {
+            return;
+        };
+        if live.handle.is_some() {
+            return;
+        }
+        if let Some(w) = live.worker
+            && let Some(tx) = &self.workers[w].tx
+        {
             let _ = tx.send(ProxyToWorker::Cancel { request_id: id });
         }
     }

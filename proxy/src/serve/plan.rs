@@ -67,6 +67,12 @@ pub fn plan_workers(config: &Config, runtime_dir: &Path, gpu_present: bool) -> V
                 "--over-share-prompt-tokens".to_owned(),
                 config.scheduler.over_share_prompt_tokens.to_string(),
             ];
+            if let Some(dir) = &model.path {
+                args.push("--model-dir".to_owned());
+                args.push(dir.display().to_string());
+                args.push("--max-context".to_owned());
+                args.push(model.max_context_tokens.to_string());
+            }
             if let Some(t) = tenant {
                 args.push("--tenants".to_owned());
                 args.push(t.to_string());

@@ -13,7 +13,7 @@ use bulkhead_kernels::{
     cpu::CpuBackend,
     cuda::CudaBackend,
     engine::{Engine, EngineConfig},
-    model::{ModelConfig, Weights},
+    model::{ModelConfig, Weights, checkpoint},
     sim::{CostModel, SimBackend},
 };
 use rustix::net::RecvFlags;
@@ -68,32 +68,70 @@ pub struct WorkerOptions {
     pub sim_realtime: bool,
     /// Other names requests may use for the model.
     pub model_aliases: Vec<String>,
+    /// A Llama-family checkpoint to serve instead of the built-in model.
+    pub model_dir: Option<PathBuf>,
+    /// Lowers the checkpoint's context (the config's `max_context_tokens`).
+    pub max_context: Option<usize>,
+}
+
+/// The model a worker serves: its shapes, and its weights unless the
+/// backend computes nothing (`sim`).
+fn model_of(opts: &WorkerOptions) -> anyhow::Result<(ModelConfig, Option<Weights>)> {
+    let name = opts
+        .model_aliases
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "checkpoint".to_owned());
+    match (&opts.model_dir, opts.backend) {
+        (None, BackendChoice::Sim) => Ok((ModelConfig::tiny(), None)),
+        (None, _) => {
+            let model = ModelConfig::tiny();
+            let weights = Weights::from_seed(&model, opts.seed);
+            Ok((model, Some(weights)))
+        }
+        (Some(dir), BackendChoice::Sim) => {
+            let mut model = checkpoint::read_config(dir, &name)?;
+            if let Some(limit) = opts.max_context {
+                model.max_context = model.max_context.min(limit.max(1));
+            }
+            Ok((model, None))
+        }
+        (Some(dir), _) => {
+            let started = Instant::now();
+            let loaded = checkpoint::load(dir, &name, opts.max_context)?;
+            tracing::info!(
+                dir = %dir.display(),
+                layers = loaded.config.layers,
+                hidden = loaded.config.hidden,
+                vocab = loaded.config.vocab,
+                ms = started.elapsed().as_millis(),
+                "checkpoint loaded"
+            );
+            Ok((loaded.config, Some(loaded.weights)))
+        }
+    }
 }
 
 /// Builds the engine the options describe.
 pub fn build_engine(opts: &WorkerOptions) -> anyhow::Result<Engine<Box<dyn Backend>>> {
-    let model = ModelConfig::tiny();
-    let backend: Box<dyn Backend> = match opts.backend {
-        BackendChoice::Cpu => Box::new(CpuBackend::new(
-            model.clone(),
-            Weights::from_seed(&model, opts.seed),
-            opts.blocks,
-        )?),
-        BackendChoice::Cuda => Box::new(
-            CudaBackend::new(
-                model.clone(),
-                &Weights::from_seed(&model, opts.seed),
-                opts.blocks,
-                opts.device,
-            )
-            .with_context(|| format!("the cuda backend on GPU {}", opts.device))?,
+    let (model, weights) = model_of(opts)?;
+    let backend: Box<dyn Backend> = match (opts.backend, weights) {
+        (BackendChoice::Cpu, Some(weights)) => {
+            Box::new(CpuBackend::new(model, weights, opts.blocks)?)
+        }
+        (BackendChoice::Cuda, Some(weights)) => Box::new(
+            CudaBackend::new(model, &weights, opts.blocks, opts.device)
+                .with_context(|| format!("the cuda backend on GPU {}", opts.device))?,
         ),
-        BackendChoice::Sim => {
+        (BackendChoice::Sim, _) => {
             let cost = match &opts.calibration {
                 Some(path) => CostModel::from_file(path)?,
                 None => CostModel::default(),
             };
             Box::new(SimBackend::new(model, opts.blocks, cost)?)
+        }
+        (BackendChoice::Cpu | BackendChoice::Cuda, None) => {
+            unreachable!("model_of loads weights for every backend but sim")
         }
     };
     let cfg = EngineConfig {

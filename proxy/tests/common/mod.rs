@@ -89,9 +89,26 @@ pub fn start(name: &str, tenants: &str) -> Host {
 
 /// [`start`] with the model on `backend` (`cpu` or `sim`).
 pub fn start_backend(name: &str, tenants: &str, backend: &str) -> Host {
+    start_with(name, tenants, &|text| {
+        text.replace("backend = \"cpu\"", &format!("backend = \"{backend}\""))
+    })
+}
+
+/// The scratch directory of a host named `name`, empty.
+pub fn host_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("bh-host-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// [`start`] with the config text `edit` makes of the default's.
+pub fn start_with(name: &str, tenants: &str, edit: &dyn Fn(String) -> String) -> Host {
+    start_in(host_dir(name), tenants, edit)
+}
+
+/// [`start_with`] in `dir` (from [`host_dir`], where a test may have put files).
+pub fn start_in(dir: PathBuf, tenants: &str, edit: &dyn Fn(String) -> String) -> Host {
     let status = Command::new(BIN)
         .args(["certs", "--trust-domain", "bulkhead.test"])
         .args(["--tenants", "acme,globex,initech", "--out"])
@@ -100,8 +117,7 @@ pub fn start_backend(name: &str, tenants: &str, backend: &str) -> Host {
         .status()
         .unwrap();
     assert!(status.success());
-    let text = config(&dir, tenants, 1024)
-        .replace("backend = \"cpu\"", &format!("backend = \"{backend}\""));
+    let text = edit(config(&dir, tenants, 1024));
     std::fs::write(dir.join("host.toml"), text).unwrap();
     let mut serve = Command::new(BIN)
         .args(["serve", "--config"])
@@ -109,7 +125,7 @@ pub fn start_backend(name: &str, tenants: &str, backend: &str) -> Host {
         .arg("--runtime-dir")
         .arg(dir.join("run"))
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
     let mut line = String::new();

@@ -387,7 +387,46 @@ fn what_the_model_cannot_run_is_refused_by_name() {
         "{e}"
     );
 
+    let e = refusal(|dir, _, t| {
+        write_safetensors(&dir.join(WEIGHTS_FILE), t, Encoding::F32);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(WEIGHTS_FILE))
+            .expect("open");
+        let len = file.metadata().expect("metadata").len();
+        file.set_len(len - 100).expect("truncate");
+    });
+    assert!(
+        e.contains("but its header describes") && e.contains("partial copy"),
+        "{e}"
+    );
+
     let dir = Dir::new("empty");
     let e = load(&dir.0, "t", None).expect_err("no config").to_string();
     assert!(e.contains("config.json"), "{e}");
+}
+
+#[test]
+fn save_writes_what_load_reads_back() {
+    let dir = Dir::new("save");
+    let cfg = ModelConfig {
+        extra_eos: vec![3],
+        ..ModelConfig::tiny()
+    };
+    let w = Weights::from_seed(&cfg, 11);
+    save(&dir.0, &cfg, &w).expect("saves");
+    let loaded = load(&dir.0, &cfg.name, None).expect("loads");
+    assert_eq!(loaded.config, cfg);
+    assert_same_weights(&loaded.weights, &w);
+}
+
+#[test]
+fn check_reads_headers_only_and_agrees_with_load() {
+    let dir = Dir::new("check");
+    let (cfg, _) = tiny_checkpoint(&dir.0, Encoding::Bf16);
+    let checked = check(&dir.0, "c", Some(100)).expect("valid");
+    assert_eq!(checked.max_context, 100);
+    assert_eq!(checked.vocab, cfg.vocab);
+    let loaded = load(&dir.0, "c", Some(100)).expect("loads");
+    assert_eq!(loaded.config, checked);
 }

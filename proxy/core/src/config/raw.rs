@@ -6,7 +6,7 @@
 //! (see [`RawConfig::read`]) so one bad section does not hide the others.
 
 use super::source::SourceMap;
-use super::{ConfigError, EbpfMode, ModelBackend};
+use super::{ChatTemplateName, ConfigError, EbpfMode, ModelBackend};
 use crate::{IsolationLevel, Tier};
 use serde::Deserialize;
 use toml::Spanned;
@@ -240,6 +240,10 @@ pub(super) struct RawModel {
     #[serde(default)]
     pub backend: Option<ModelBackend>,
     pub max_context_tokens: i64,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub chat_template: Option<ChatTemplateName>,
 }
 
 /// One `[[tenants]]` table.

@@ -363,3 +363,50 @@ fn the_quic_reset_key_file_is_optional_and_not_empty() {
             .contains("quic_reset_key_file must not be empty")
     );
 }
+
+#[test]
+fn a_model_may_name_a_checkpoint_and_its_chat_template() {
+    let src = MINIMAL.replace(
+        "max_context_tokens = 2048",
+        "max_context_tokens = 2048\npath = \"/models/llama\"\nchat_template = \"llama2\"",
+    );
+    let config = Config::from_toml_str(&src).unwrap();
+    let model = config.model("tiny-llama").unwrap();
+    assert_eq!(model.path.as_deref(), Some(Path::new("/models/llama")));
+    assert_eq!(model.chat_template, Some(ChatTemplateName::Llama2));
+    let plain = Config::from_toml_str(MINIMAL).unwrap();
+    let model = plain.model("tiny-llama").unwrap();
+    assert_eq!((model.path.as_ref(), model.chat_template), (None, None));
+}
+
+#[test]
+fn a_chat_template_without_a_checkpoint_or_an_empty_path_is_named() {
+    let src = MINIMAL.replace(
+        "max_context_tokens = 2048",
+        "max_context_tokens = 2048\nchat_template = \"llama3\"",
+    );
+    assert_eq!(
+        errors_of(&src),
+        [
+            "models[0].chat_template (line 15): chat_template needs a checkpoint `path` (the built-in model has its own template)"
+        ]
+    );
+    let src = MINIMAL.replace(
+        "max_context_tokens = 2048",
+        "max_context_tokens = 2048\npath = \"\"",
+    );
+    assert_eq!(
+        errors_of(&src),
+        ["models[0].path (line 15): path must not be empty"]
+    );
+    let src = MINIMAL.replace(
+        "max_context_tokens = 2048",
+        "max_context_tokens = 2048\npath = \"/m\"\nchat_template = \"jinja\"",
+    );
+    let e = errors_of(&src);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("unknown variant `jinja`") && e[0].contains("llama3"),
+        "{e:?}"
+    );
+}

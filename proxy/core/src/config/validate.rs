@@ -538,11 +538,28 @@ fn models_of(c: &mut Checker<'_>, raw: Vec<Option<RawModel>>) -> Option<Vec<Mode
         }
         let max_context_tokens =
             c.positive_u32(&base, "max_context_tokens", model.max_context_tokens);
+        let model_has_path = model.path.is_some();
+        let path = model
+            .path
+            .and_then(|path| c.file_path(format!("{base}.path"), "path", path));
+        if path.is_none() && model_has_path {
+            complete = false;
+        }
+        if model.chat_template.is_some() && path.is_none() {
+            c.report(
+                format!("{base}.chat_template"),
+                "chat_template needs a checkpoint `path` (the built-in model has its own template)"
+                    .to_owned(),
+            );
+            complete = false;
+        }
         match max_context_tokens {
             Some(max_context_tokens) => models.push(ModelSpec {
                 name: model.name,
                 backend: model.backend,
                 max_context_tokens,
+                path,
+                chat_template: model.chat_template,
             }),
             None => complete = false,
         }

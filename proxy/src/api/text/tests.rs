@@ -1,0 +1,171 @@
+use super::*;
+use crate::api::openai::{Role, Turn};
+
+/// A byte-level checkpoint text side: one token per byte, plus the tokens
+/// `extra` (multi-byte pieces) and Llama 3's special tokens.
+fn byte_level(extra: &[&str]) -> ModelText {
+    let mut vocab = serde_json::Map::new();
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next_extra = 256;
+    let mut piece_of = [' '; 256];
+    for b in 0..=255u8 {
+        let c = if printable(b) {
+            char::from(b)
+        } else {
+            let c = char::from_u32(next_extra).expect("valid");
+            next_extra += 1;
+            c
+        };
+        piece_of[usize::from(b)] = c;
+        vocab.insert(c.to_string(), u32::from(b).into());
+    }
+    for (i, e) in extra.iter().enumerate() {
+        let piece: String = e.bytes().map(|b| piece_of[usize::from(b)]).collect();
+        vocab.insert(piece, (300 + i).into());
+    }
+    let added: Vec<serde_json::Value> = [
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, t)| serde_json::json!({"id": 400 + i, "content": t, "special": true}))
+    .collect();
+    let json = serde_json::json!({
+        "added_tokens": added,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel"},
+        "model": {"type": "BPE", "vocab": vocab, "merges": []},
+    });
+    let tok = BpeTokenizer::from_json("t", json.to_string().as_bytes()).expect("valid");
+    ModelText::Checkpoint(Box::new(CheckpointText {
+        name: "m".into(),
+        template: ChatTemplate::detect(&tok),
+        tok,
+        bos: 400,
+    }))
+}
+
+fn out(model: ModelText, stops: &[&str]) -> OutputText {
+    let stops: Vec<String> = stops.iter().map(|s| (*s).to_owned()).collect();
+    OutputText::new(Arc::new(model), &stops)
+}
+
+#[test]
+fn a_stop_string_across_tokens_cuts_the_text_where_it_starts() {
+    // Tokens 300.. are "Hel", "lo\n", "\nWor": the stop "\n\n" spans two.
+    let mut o = out(byte_level(&["Hel", "lo\n", "\nWor"]), &["\n\n"]);
+    assert_eq!(o.push(&[300]), "Hel");
+    assert_eq!(
+        o.push(&[301]),
+        "lo",
+        "the newline is held: it may start the stop"
+    );
+    assert!(!o.stopped());
+    assert_eq!(o.push(&[302]), "");
+    assert!(o.stopped());
+    assert_eq!(o.push(&[300]), "", "nothing after a stop");
+    assert_eq!(o.finish(), "");
+}
+
+#[test]
+fn held_text_that_never_becomes_a_stop_is_released() {
+    let mut o = out(byte_level(&[]), &["END", "xy"]);
+    assert_eq!(o.push(&bytes("abcE")), "abc");
+    assert_eq!(o.push(&bytes("N")), "");
+    assert_eq!(
+        o.push(&bytes("x")),
+        "EN",
+        "ENx cannot become END; x may start xy"
+    );
+    assert_eq!(o.finish(), "x");
+    assert!(!o.stopped());
+    // The earliest stop in the text wins, whichever is listed first.
+    let mut o = out(byte_level(&[]), &["END", "xy"]);
+    assert_eq!(o.push(&bytes("a xy b END")), "a ");
+    assert!(o.stopped());
+}
+
+#[test]
+fn a_character_split_across_tokens_is_whole_before_it_is_scanned() {
+    let mut o = out(byte_level(&[]), &["é!"]);
+    let e_acute = "é".as_bytes();
+    assert_eq!(o.push(&[u32::from(e_acute[0])]), "");
+    assert_eq!(o.push(&[u32::from(e_acute[1])]), "", "é may start the stop");
+    assert_eq!(o.push(&bytes("!")), "");
+    assert!(o.stopped());
+}
+
+#[test]
+fn the_built_in_model_leaves_stops_to_its_workers() {
+    let builtin = ModelText::builtin();
+    assert!(builtin.worker_stops());
+    let mut o = out(builtin, &["\n"]);
+    assert_eq!(o.push(&bytes("a\nb")), "a\nb");
+    assert!(!o.stopped());
+    assert!(!byte_level(&[]).worker_stops());
+}
+
+#[test]
+fn prompts_become_the_templates_tokens() {
+    let m = byte_level(&[]);
+    let text = m.encode(&Prompt::Text("hi".into())).expect("encodes");
+    assert_eq!(
+        text,
+        vec![400, u32::from(b'h'), u32::from(b'i')],
+        "BOS, then the text"
+    );
+    let chat = m
+        .encode(&Prompt::Chat(vec![Turn {
+            role: Role::User,
+            content: "hi".into(),
+        }]))
+        .expect("encodes");
+    assert_eq!(&chat[..2], &[400, 401]);
+    assert_eq!(
+        chat.iter().filter(|&&t| t == 403).count(),
+        1,
+        "one <|eot_id|>"
+    );
+    let builtin = ModelText::builtin();
+    let chat = builtin
+        .encode(&Prompt::Chat(vec![Turn {
+            role: Role::User,
+            content: "hi".into(),
+        }]))
+        .expect("encodes");
+    assert_eq!(chat[0], 256, "the built-in BOS");
+    assert_eq!(
+        &chat[1..],
+        "<|user|>\nhi\n<|assistant|>\n"
+            .as_bytes()
+            .iter()
+            .map(|&b| u32::from(b))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_checkpoint_without_a_template_refuses_chat_by_name() {
+    let ModelText::Checkpoint(mut c) = byte_level(&[]) else {
+        unreachable!()
+    };
+    c.template = None;
+    let m = ModelText::Checkpoint(c);
+    let e = m
+        .encode(&Prompt::Chat(vec![Turn {
+            role: Role::User,
+            content: "hi".into(),
+        }]))
+        .expect_err("no template");
+    assert_eq!(
+        e,
+        "model m has no chat template on this host; use /v1/completions"
+    );
+}
+
+fn bytes(text: &str) -> Vec<u32> {
+    text.bytes().map(u32::from).collect()
+}
