@@ -47,6 +47,9 @@ pub enum TokenizerError {
         /// The character or byte.
         what: String,
     },
+    /// The pre-tokenizer's regex gave up on the text (its backtracking limits).
+    #[error("the tokenizer's pre-tokenizer regex could not split the text: {0}")]
+    Split(String),
 }
 
 /// How text becomes pre-tokens and pre-token characters become symbols.
@@ -692,17 +695,72 @@ impl BpeTokenizer {
     }
 }
 
+/// Whitespace runs longer than this many characters are cut into pieces
+/// of at most this many before the regexes run: a backtracking regex's
+/// stack grows with a run (`\s+(?!\S)`), and a run of some 500,000 would
+/// overflow it. Only such runs tokenize differently from the `tokenizers`
+/// library (which takes a run as one piece).
+const LONG_RUN: usize = 32_768;
+/// Characters at the end of a long run left with the text after it, so
+/// the regexes see how the run ends as they would without the cut.
+const RUN_TAIL: usize = 1_024;
+
+/// `text` with its whitespace runs of more than [`LONG_RUN`] characters
+/// cut: each such run's head in pieces of [`LONG_RUN`] characters, its
+/// last [`RUN_TAIL`] characters kept with what follows.
+fn cut_long_runs(text: &str) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut from = 0;
+    let mut chars = text.char_indices().peekable();
+    while let Some((start, c)) = chars.next() {
+        if !c.is_whitespace() {
+            continue;
+        }
+        // The run's character boundaries, after its first character.
+        let mut bounds = vec![start];
+        while let Some(&(i, c)) = chars.peek() {
+            if !c.is_whitespace() {
+                break;
+            }
+            bounds.push(i);
+            chars.next();
+        }
+        if bounds.len() <= LONG_RUN {
+            continue;
+        }
+        if start > from {
+            pieces.push(&text[from..start]);
+        }
+        let keep_from = bounds[bounds.len() - RUN_TAIL];
+        let mut at = 0;
+        while bounds[at] < keep_from {
+            let end = bounds
+                .get(at + LONG_RUN)
+                .map_or(keep_from, |&e| e.min(keep_from));
+            pieces.push(&text[bounds[at]..end]);
+            at = (at + LONG_RUN).min(bounds.len() - RUN_TAIL);
+        }
+        from = keep_from;
+    }
+    if from < text.len() || pieces.is_empty() {
+        pieces.push(&text[from..]);
+    }
+    pieces
+}
+
 /// The pieces of `text` after each regex in turn isolates its matches.
 fn split_all<'t>(splits: &[Regex], text: &'t str) -> Result<Vec<&'t str>, TokenizerError> {
-    let mut pieces = vec![text];
+    let mut pieces = if splits.is_empty() {
+        vec![text]
+    } else {
+        cut_long_runs(text)
+    };
     for re in splits {
         let mut next = Vec::with_capacity(pieces.len() * 2);
         for piece in pieces {
             let mut last = 0;
             for m in re.find_iter(piece) {
-                let m = m.map_err(|e| TokenizerError::Untokenizable {
-                    what: format!("text the pre-tokenizer's regex could not split ({e})"),
-                })?;
+                let m = m.map_err(|e| TokenizerError::Split(e.to_string()))?;
                 if m.start() > last {
                     next.push(&piece[last..m.start()]);
                 }

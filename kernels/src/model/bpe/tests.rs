@@ -159,3 +159,33 @@ fn a_character_with_no_token_is_named() {
     let e = tok.encode("ab").expect_err("no b").to_string();
     assert!(e.contains("'b'"), "{e}");
 }
+
+#[test]
+fn a_whitespace_run_too_long_for_the_regex_is_cut_and_everything_else_kept() {
+    let tok = byte_level(&[], &[], false);
+    // 600,000 spaces overflow the backtracking stack of `\s+(?!\S)` uncut.
+    for text in [
+        " ".repeat(600_000),
+        format!("a{}b", " \n".repeat(300_000)),
+        format!("{}x", "\t".repeat(LONG_RUN + 1)),
+    ] {
+        let ids = tok.encode(&text).expect("encodes");
+        assert_eq!(tok.decode(&ids), text, "nothing lost or added");
+    }
+    let text = format!("ab{}cd", " ".repeat(LONG_RUN * 2 + 5));
+    let pieces = cut_long_runs(&text);
+    assert_eq!(pieces.concat(), text);
+    assert_eq!(pieces[0], "ab");
+    assert!(
+        pieces[1..pieces.len() - 1]
+            .iter()
+            .all(|p| p.len() <= LONG_RUN && p.trim().is_empty())
+    );
+    assert_eq!(
+        pieces.last().copied(),
+        Some(&format!("{}cd", " ".repeat(RUN_TAIL))[..])
+    );
+    // Runs up to the limit are left whole.
+    let short = format!("a{}b", " ".repeat(LONG_RUN));
+    assert_eq!(cut_long_runs(&short), vec![short.as_str()]);
+}
