@@ -757,14 +757,12 @@ impl Run {
             match event {
                 Event::Tokens { tokens, .. } => {
                     out.text.push_str(&self.output.push(&tokens));
-                    if self.output.stopped() {
+                    if self.output.stop_request() {
                         ticket.stop();
                     }
                 }
                 Event::Finished(mut f) => {
-                    if self.output.stopped() && f.reason == FinishReason::Cancelled {
-                        f.reason = FinishReason::Stop;
-                    }
+                    f.reason = self.output.finish_reason(f.reason);
                     out.reason = Some(f.reason);
                     out.prompt_tokens = f.prompt_tokens;
                     out.output_tokens = f.output_tokens;
@@ -875,7 +873,7 @@ impl Run {
             let chunk = match event {
                 Event::Tokens { tokens, .. } => {
                     let piece = self.output.push(&tokens);
-                    if self.output.stopped() {
+                    if self.output.stop_request() {
                         ticket.stop();
                     }
                     if piece.is_empty() {
@@ -889,9 +887,7 @@ impl Run {
                     c
                 }
                 Event::Finished(mut f) => {
-                    if self.output.stopped() && f.reason == FinishReason::Cancelled {
-                        f.reason = FinishReason::Stop;
-                    }
+                    f.reason = self.output.finish_reason(f.reason);
                     let usage = (f.prompt_tokens, f.output_tokens);
                     release.used = u64::from(f.prompt_tokens) + u64::from(f.output_tokens);
                     metrics.tokens(&self.tenant, u64::from(usage.0), u64::from(usage.1));

@@ -268,6 +268,21 @@ fn a_checkpoint_answers_as_its_worker_does_under_its_chat_template() {
     assert_eq!(text, &expected[..cut], "stop {stop:?}");
     assert_eq!(reason.as_deref(), Some("stop"));
 
+    // The same stop string when max_tokens ends the request with the very
+    // token that completes it: still cut, still a stop (not a length).
+    let last = (1..=tokens.len())
+        .find(|&k| tok.decode(&tokens[..k]).contains(&stop))
+        .unwrap();
+    let (status, body) = rt.block_on(post(
+        &host,
+        "/v1/chat/completions",
+        &chat(json!({"stream": true, "stop": [stop], "max_tokens": last})),
+    ));
+    assert_eq!(status, 200, "{body}");
+    let (text, reason) = sse(&body);
+    assert_eq!(text, &expected[..cut]);
+    assert_eq!(reason.as_deref(), Some("stop"), "max_tokens {last}");
+
     // A text completion: BOS, then the prompt's tokens.
     let mut prompt = vec![256];
     prompt.extend(tok.encode("the other thing").unwrap());

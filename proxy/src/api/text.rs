@@ -173,6 +173,8 @@ pub struct OutputText {
     /// Text held back: it may be the start of a stop string.
     held: String,
     stopped: bool,
+    /// Whether [`Self::stop_request`] said so already.
+    stop_told: bool,
 }
 
 impl OutputText {
@@ -190,6 +192,7 @@ impl OutputText {
             stops,
             held: String::new(),
             stopped: false,
+            stop_told: false,
         }
     }
 
@@ -217,6 +220,28 @@ impl OutputText {
     /// Whether a stop string ended the output.
     pub const fn stopped(&self) -> bool {
         self.stopped
+    }
+
+    /// True once, after a stop string: the request should be stopped on its worker.
+    pub const fn stop_request(&mut self) -> bool {
+        let tell = self.stopped && !self.stop_told;
+        self.stop_told |= tell;
+        tell
+    }
+
+    /// How a request whose worker finished with `reason` ended: a stop,
+    /// whatever the worker saw, once a stop string cut the text (the
+    /// worker may have been cancelled for it, or reached its length or end
+    /// of sequence before the cancel came); an error stays an error.
+    pub fn finish_reason(
+        &self,
+        reason: bulkhead_core::wire::FinishReason,
+    ) -> bulkhead_core::wire::FinishReason {
+        use bulkhead_core::wire::FinishReason;
+        match reason {
+            FinishReason::Cancelled | FinishReason::Length if self.stopped => FinishReason::Stop,
+            other => other,
+        }
     }
 
     fn scan(&mut self, text: String, end: bool) -> String {

@@ -1,5 +1,6 @@
 use super::*;
 use crate::api::openai::{Role, Turn};
+use bulkhead_core::wire::FinishReason;
 
 /// A byte-level checkpoint text side: one token per byte, plus the tokens
 /// `extra` (multi-byte pieces) and Llama 3's special tokens.
@@ -66,6 +67,11 @@ fn a_stop_string_across_tokens_cuts_the_text_where_it_starts() {
     assert!(!o.stopped());
     assert_eq!(o.push(&[302]), "");
     assert!(o.stopped());
+    assert!(o.stop_request(), "the worker is told once");
+    assert!(!o.stop_request());
+    assert_eq!(o.finish_reason(FinishReason::Length), FinishReason::Stop);
+    assert_eq!(o.finish_reason(FinishReason::Cancelled), FinishReason::Stop);
+    assert_eq!(o.finish_reason(FinishReason::Error), FinishReason::Error);
     assert_eq!(o.push(&[300]), "", "nothing after a stop");
     assert_eq!(o.finish(), "");
 }
@@ -104,7 +110,8 @@ fn the_built_in_model_leaves_stops_to_its_workers() {
     assert!(builtin.worker_stops());
     let mut o = out(builtin, &["\n"]);
     assert_eq!(o.push(&bytes("a\nb")), "a\nb");
-    assert!(!o.stopped());
+    assert!(!o.stopped() && !o.stop_request());
+    assert_eq!(o.finish_reason(FinishReason::Length), FinishReason::Length);
     assert!(!byte_level(&[]).worker_stops());
 }
 
