@@ -107,6 +107,8 @@ pub struct BpeTokenizer {
     added: HashMap<String, u32>,
     /// Which ids are special (never decoded to text).
     special: Vec<bool>,
+    /// [`byte_char`] of every byte, for byte-level pre-tokens.
+    byte_chars: [char; 256],
 }
 
 #[derive(Deserialize)]
@@ -157,19 +159,73 @@ const GPT2_SPLIT: &str =
 /// `SentencePiece`'s space.
 const SPACE: char = '▁';
 
-/// GPT-2's map from bytes to printable characters, and its inverse.
+/// Whether GPT-2's byte map keeps `b` as the character of the same code.
+const fn printable(b: u8) -> bool {
+    matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF)
+}
+
+/// The printable character GPT-2's byte-level alphabet writes byte `b` as
+/// (bytes that are not printable go to U+0100 on, in order): how a
+/// byte-level `tokenizer.json` spells its tokens.
+pub fn byte_char(b: u8) -> char {
+    if printable(b) {
+        return char::from(b);
+    }
+    let below = (0..b).filter(|&x| !printable(x)).count();
+    char::from_u32(256 + u32::try_from(below).expect("under 256")).expect("below U+0200")
+}
+
+/// A byte-level `tokenizer.json` (GPT-2's pre-tokenizer and decoder) whose
+/// ids 0-255 are the bytes, as the built-in model's are; then the token of
+/// each of `merges` (raw text, in rank order), then `extra` tokens (raw
+/// text), then `specials` as special added tokens. With
+/// [`super::checkpoint::save`], a checkpoint of the built-in model's kind.
+pub fn byte_level_json(
+    merges: &[(&str, &str)],
+    extra: &[&str],
+    specials: &[&str],
+) -> serde_json::Value {
+    let spell = |text: &str| -> String { text.bytes().map(byte_char).collect() };
+    let mut vocab = serde_json::Map::new();
+    for b in 0..=255u8 {
+        vocab.insert(byte_char(b).to_string(), u32::from(b).into());
+    }
+    let tokens = merges
+        .iter()
+        .map(|(a, b)| format!("{a}{b}"))
+        .chain(extra.iter().map(|e| (*e).to_owned()));
+    for token in tokens {
+        let next = vocab.len();
+        vocab.entry(spell(&token)).or_insert_with(|| next.into());
+    }
+    let added: Vec<Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, t)| serde_json::json!({"id": vocab.len() + i, "content": t, "special": true}))
+        .collect();
+    serde_json::json!({
+        "version": "1.0",
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel"},
+        "model": {
+            "type": "BPE",
+            "vocab": vocab,
+            "merges": merges
+                .iter()
+                .map(|(a, b)| format!("{} {}", spell(a), spell(b)))
+                .collect::<Vec<_>>(),
+        },
+    })
+}
+
+/// [`byte_char`] for every byte, and its inverse.
 fn byte_alphabet() -> ([char; 256], HashMap<char, u8>) {
     let mut map = ['\0'; 256];
-    let mut extra = 0u32;
     for b in 0..=255u8 {
-        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-        let c = if printable {
-            char::from(b)
-        } else {
-            extra += 1;
-            char::from_u32(255 + extra).expect("below U+0200")
-        };
-        map[usize::from(b)] = c;
+        map[usize::from(b)] = byte_char(b);
     }
     let inverse = map
         .iter()
@@ -460,7 +516,7 @@ impl BpeTokenizer {
             })?),
             None => None,
         };
-        let (_, inverse) = byte_alphabet();
+        let (byte_chars, inverse) = byte_alphabet();
         let bytes = pieces
             .iter()
             .enumerate()
@@ -499,6 +555,7 @@ impl BpeTokenizer {
             unk,
             added,
             special,
+            byte_chars,
         })
     }
 
@@ -545,11 +602,10 @@ impl BpeTokenizer {
                 } else {
                     text
                 };
-                let (map, _) = byte_alphabet();
                 let mut word = String::new();
                 for piece in split_all(splits, text)? {
                     word.clear();
-                    word.extend(piece.bytes().map(|b| map[usize::from(b)]));
+                    word.extend(piece.bytes().map(|b| self.byte_chars[usize::from(b)]));
                     self.word(&word, &mut out)?;
                 }
             }

@@ -47,6 +47,19 @@ impl ChatTemplate {
         }
     }
 
+    /// The special tokens the template places.
+    pub const fn special_tokens(self) -> &'static [&'static str] {
+        match self {
+            Self::Llama3 => &[
+                "<|begin_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eot_id|>",
+            ],
+            Self::Llama2 => &["<s>", "</s>"],
+        }
+    }
+
     /// The template a tokenizer's special tokens imply, if any.
     pub fn detect(tok: &BpeTokenizer) -> Option<Self> {
         let has = |t| tok.special(t).is_some();

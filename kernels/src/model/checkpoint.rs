@@ -614,44 +614,19 @@ fn assemble(
     })
 }
 
-/// Writes `weights` as a checkpoint [`load`] reads back bit for bit
-/// (`config.json`, F32 `model.safetensors`, Hugging Face's tensor names):
-/// the built-in model, say, for a host to serve as a checkpoint.
-pub fn save(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Result<(), CheckpointError> {
-    let write_error =
-        |path: PathBuf| move |source: std::io::Error| CheckpointError::Write { path, source };
-    std::fs::create_dir_all(dir).map_err(write_error(dir.to_owned()))?;
-    let mut eos = vec![cfg.eos];
-    eos.extend(&cfg.extra_eos);
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab,
-        "hidden_size": cfg.hidden,
-        "num_hidden_layers": cfg.layers,
-        "num_attention_heads": cfg.heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.ffn,
-        "max_position_embeddings": cfg.max_context,
-        "rope_theta": cfg.rope_theta,
-        "rms_norm_eps": cfg.rms_eps,
-        "bos_token_id": cfg.bos,
-        "eos_token_id": eos,
-        "hidden_act": "silu",
-        "tie_word_embeddings": false,
-        "torch_dtype": "float32",
-    });
-    let path = dir.join(CONFIG_FILE);
-    let text = serde_json::to_vec_pretty(&config).expect("a JSON value serializes");
-    std::fs::write(&path, text).map_err(write_error(path.clone()))?;
+/// `weights` as Hugging Face names and shapes them (Q, K, V and gate, up
+/// apart), in [`save`]'s order.
+pub(crate) fn hf_tensors<'w>(
+    cfg: &ModelConfig,
+    weights: &'w Weights,
+) -> Vec<(String, Vec<usize>, &'w [f32])> {
     let (h, q, kv, ffn) = (
         cfg.hidden,
         cfg.heads * cfg.head_dim,
         cfg.kv_heads * cfg.head_dim,
         cfg.ffn,
     );
-    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = vec![
+    let mut tensors: Vec<(String, Vec<usize>, &'w [f32])> = vec![
         (
             "model.embed_tokens.weight".into(),
             vec![cfg.vocab, h],
@@ -697,6 +672,41 @@ pub fn save(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Result<(), Chec
             ),
         ]);
     }
+    tensors
+}
+
+/// Writes `weights` as a checkpoint [`load`] reads back bit for bit
+/// (`config.json`, F32 `model.safetensors`, Hugging Face's tensor names):
+/// the built-in model, say, for a host to serve as a checkpoint.
+pub fn save(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Result<(), CheckpointError> {
+    let write_error =
+        |path: PathBuf| move |source: std::io::Error| CheckpointError::Write { path, source };
+    std::fs::create_dir_all(dir).map_err(write_error(dir.to_owned()))?;
+    let mut eos = vec![cfg.eos];
+    eos.extend(&cfg.extra_eos);
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab,
+        "hidden_size": cfg.hidden,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.ffn,
+        "max_position_embeddings": cfg.max_context,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_eps,
+        "bos_token_id": cfg.bos,
+        "eos_token_id": eos,
+        "hidden_act": "silu",
+        "tie_word_embeddings": false,
+        "torch_dtype": "float32",
+    });
+    let path = dir.join(CONFIG_FILE);
+    let text = serde_json::to_vec_pretty(&config).expect("a JSON value serializes");
+    std::fs::write(&path, text).map_err(write_error(path.clone()))?;
+    let tensors = hf_tensors(cfg, weights);
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
         .map(|(n, shape, v)| (n, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect()))

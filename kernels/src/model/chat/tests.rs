@@ -1,36 +1,9 @@
 use super::*;
+use crate::model::bpe::byte_level_json;
 
-/// A byte-level tokenizer with no merges and Llama 3's special tokens.
+/// A byte-level tokenizer with no merges and Llama 3's special tokens (256 on).
 fn llama3_tok() -> BpeTokenizer {
-    let mut vocab = serde_json::Map::new();
-    for b in 0..=255u8 {
-        let piece = if matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF) {
-            char::from(b)
-        } else {
-            // GPT-2's map sends the other bytes above U+00FF, in order.
-            let rank = (0..b)
-                .filter(|&x| !matches!(x, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF))
-                .count();
-            char::from_u32(256 + u32::try_from(rank).expect("small")).expect("valid")
-        };
-        vocab.insert(piece.to_string(), u32::from(b).into());
-    }
-    let added: Vec<serde_json::Value> = [
-        "<|begin_of_text|>",
-        "<|start_header_id|>",
-        "<|end_header_id|>",
-        "<|eot_id|>",
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, t)| serde_json::json!({"id": 256 + i, "content": t, "special": true}))
-    .collect();
-    let json = serde_json::json!({
-        "added_tokens": added,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
-        "decoder": {"type": "ByteLevel"},
-        "model": {"type": "BPE", "vocab": vocab, "merges": []},
-    });
+    let json = byte_level_json(&[], &[], ChatTemplate::Llama3.special_tokens());
     BpeTokenizer::from_json("t", json.to_string().as_bytes()).expect("valid")
 }
 

@@ -46,81 +46,12 @@ fn hf_config(cfg: &ModelConfig) -> serde_json::Value {
     })
 }
 
-/// The tensors of `w` under Hugging Face's names, split as HF stores them.
+/// The tensors of `w` under Hugging Face's names, owned (to edit).
 fn hf_tensors(cfg: &ModelConfig, w: &Weights) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let (h, q, kv, ffn) = (
-        cfg.hidden,
-        cfg.heads * cfg.head_dim,
-        cfg.kv_heads * cfg.head_dim,
-        cfg.ffn,
-    );
-    let mut out = vec![
-        (
-            "model.embed_tokens.weight".to_owned(),
-            vec![cfg.vocab, h],
-            w.embed.clone(),
-        ),
-        (
-            "model.norm.weight".to_owned(),
-            vec![h],
-            w.final_norm.clone(),
-        ),
-        (
-            "lm_head.weight".to_owned(),
-            vec![cfg.vocab, h],
-            w.lm_head.clone(),
-        ),
-    ];
-    for (i, l) in w.layers.iter().enumerate() {
-        let p = format!("model.layers.{i}");
-        let (wq, rest) = l.wqkv.split_at(q * h);
-        let (wk, wv) = rest.split_at(kv * h);
-        let (gate, up) = l.w_gate_up.split_at(ffn * h);
-        out.extend([
-            (
-                format!("{p}.input_layernorm.weight"),
-                vec![h],
-                l.attn_norm.clone(),
-            ),
-            (
-                format!("{p}.self_attn.q_proj.weight"),
-                vec![q, h],
-                wq.to_vec(),
-            ),
-            (
-                format!("{p}.self_attn.k_proj.weight"),
-                vec![kv, h],
-                wk.to_vec(),
-            ),
-            (
-                format!("{p}.self_attn.v_proj.weight"),
-                vec![kv, h],
-                wv.to_vec(),
-            ),
-            (
-                format!("{p}.self_attn.o_proj.weight"),
-                vec![h, q],
-                l.wo.clone(),
-            ),
-            (
-                format!("{p}.post_attention_layernorm.weight"),
-                vec![h],
-                l.ffn_norm.clone(),
-            ),
-            (
-                format!("{p}.mlp.gate_proj.weight"),
-                vec![ffn, h],
-                gate.to_vec(),
-            ),
-            (format!("{p}.mlp.up_proj.weight"), vec![ffn, h], up.to_vec()),
-            (
-                format!("{p}.mlp.down_proj.weight"),
-                vec![h, ffn],
-                l.w_down.clone(),
-            ),
-        ]);
-    }
-    out
+    super::hf_tensors(cfg, w)
+        .into_iter()
+        .map(|(n, s, v)| (n, s, v.to_vec()))
+        .collect()
 }
 
 #[derive(Clone, Copy)]

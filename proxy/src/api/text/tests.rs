@@ -1,51 +1,19 @@
 use super::*;
 use crate::api::openai::{Role, Turn};
 use bulkhead_core::wire::FinishReason;
+use bulkhead_kernels::model::bpe::byte_level_json;
 
-/// A byte-level checkpoint text side: one token per byte, plus the tokens
-/// `extra` (multi-byte pieces) and Llama 3's special tokens.
+/// A byte-level checkpoint text side: a token per byte, then the tokens
+/// `extra` (256 on), then Llama 3's special tokens.
 fn byte_level(extra: &[&str]) -> ModelText {
-    let mut vocab = serde_json::Map::new();
-    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-    let mut next_extra = 256;
-    let mut piece_of = [' '; 256];
-    for b in 0..=255u8 {
-        let c = if printable(b) {
-            char::from(b)
-        } else {
-            let c = char::from_u32(next_extra).expect("valid");
-            next_extra += 1;
-            c
-        };
-        piece_of[usize::from(b)] = c;
-        vocab.insert(c.to_string(), u32::from(b).into());
-    }
-    for (i, e) in extra.iter().enumerate() {
-        let piece: String = e.bytes().map(|b| piece_of[usize::from(b)]).collect();
-        vocab.insert(piece, (300 + i).into());
-    }
-    let added: Vec<serde_json::Value> = [
-        "<|begin_of_text|>",
-        "<|start_header_id|>",
-        "<|end_header_id|>",
-        "<|eot_id|>",
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, t)| serde_json::json!({"id": 400 + i, "content": t, "special": true}))
-    .collect();
-    let json = serde_json::json!({
-        "added_tokens": added,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
-        "decoder": {"type": "ByteLevel"},
-        "model": {"type": "BPE", "vocab": vocab, "merges": []},
-    });
+    let json = byte_level_json(&[], extra, ChatTemplate::Llama3.special_tokens());
     let tok = BpeTokenizer::from_json("t", json.to_string().as_bytes()).expect("valid");
+    let bos = tok.special("<|begin_of_text|>").expect("added");
     ModelText::Checkpoint(Box::new(CheckpointText {
         name: "m".into(),
         template: ChatTemplate::detect(&tok),
         tok,
-        bos: 400,
+        bos,
     }))
 }
 
@@ -56,23 +24,23 @@ fn out(model: ModelText, stops: &[&str]) -> OutputText {
 
 #[test]
 fn a_stop_string_across_tokens_cuts_the_text_where_it_starts() {
-    // Tokens 300.. are "Hel", "lo\n", "\nWor": the stop "\n\n" spans two.
+    // Tokens 256.. are "Hel", "lo\n", "\nWor": the stop "\n\n" spans two.
     let mut o = out(byte_level(&["Hel", "lo\n", "\nWor"]), &["\n\n"]);
-    assert_eq!(o.push(&[300]), "Hel");
+    assert_eq!(o.push(&[256]), "Hel");
     assert_eq!(
-        o.push(&[301]),
+        o.push(&[257]),
         "lo",
         "the newline is held: it may start the stop"
     );
     assert!(!o.stopped());
-    assert_eq!(o.push(&[302]), "");
+    assert_eq!(o.push(&[258]), "");
     assert!(o.stopped());
     assert!(o.stop_request(), "the worker is told once");
     assert!(!o.stop_request());
     assert_eq!(o.finish_reason(FinishReason::Length), FinishReason::Stop);
     assert_eq!(o.finish_reason(FinishReason::Cancelled), FinishReason::Stop);
     assert_eq!(o.finish_reason(FinishReason::Error), FinishReason::Error);
-    assert_eq!(o.push(&[300]), "", "nothing after a stop");
+    assert_eq!(o.push(&[256]), "", "nothing after a stop");
     assert_eq!(o.finish(), "");
 }
 
@@ -121,7 +89,7 @@ fn prompts_become_the_templates_tokens() {
     let text = m.encode(&Prompt::Text("hi".into())).expect("encodes");
     assert_eq!(
         text,
-        vec![400, u32::from(b'h'), u32::from(b'i')],
+        vec![256, u32::from(b'h'), u32::from(b'i')],
         "BOS, then the text"
     );
     let chat = m
@@ -130,9 +98,9 @@ fn prompts_become_the_templates_tokens() {
             content: "hi".into(),
         }]))
         .expect("encodes");
-    assert_eq!(&chat[..2], &[400, 401]);
+    assert_eq!(&chat[..2], &[256, 257]);
     assert_eq!(
-        chat.iter().filter(|&&t| t == 403).count(),
+        chat.iter().filter(|&&t| t == 259).count(),
         1,
         "one <|eot_id|>"
     );
