@@ -43,11 +43,21 @@ struct Chat {
     ids: Vec<u32>,
 }
 
+/// A scratch directory, removed when the test ends, failing or not.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn every_kind_matches_the_tokenizers_library_on_every_text() {
-    let out = std::env::temp_dir().join(format!("bh-bpe-ref-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).expect("scratch dir");
+    let scratch = Scratch(std::env::temp_dir().join(format!("bh-bpe-ref-{}", std::process::id())));
+    let out = &scratch.0;
+    let _ = std::fs::remove_dir_all(out);
+    std::fs::create_dir_all(out).expect("scratch dir");
     let mut corpus: Vec<PathBuf> = std::fs::read_dir(root().join("docs"))
         .expect("docs/")
         .map(|e| e.expect("entry").path())
@@ -57,7 +67,7 @@ fn every_kind_matches_the_tokenizers_library_on_every_text() {
     corpus.push(root().join("README.md"));
     let status = Command::new(python())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/bpe_reference.py"))
-        .arg(&out)
+        .arg(out)
         .args(&corpus)
         .status()
         .expect("running the reference script");
@@ -121,7 +131,6 @@ fn every_kind_matches_the_tokenizers_library_on_every_text() {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&out);
     assert!(
         failures.is_empty(),
         "{} of {checked} differ; the first:\n{}",
