@@ -648,7 +648,6 @@ impl Policy {
     }
 }
 
-/// The worker's sampling parameters of a parsed request.
 /// The prompt's tokens for its model; a prompt the model has no tokens or
 /// template for is a 400 naming the parameter.
 fn encode_prompt(
@@ -670,7 +669,7 @@ fn encode_prompt(
     })
 }
 
-/// The request's sampling; its stop strings as byte tokens when the
+/// The worker's sampling parameters of a parsed request; its stop strings as byte tokens when the
 /// model's workers find them (the built-in model), else none (the proxy
 /// finds them in the text, [`OutputText`]).
 fn sampling_of(parsed: &openai::CompletionRequest, worker_stops: bool) -> Sampling {

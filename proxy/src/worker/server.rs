@@ -115,6 +115,13 @@ fn model_of(opts: &WorkerOptions) -> anyhow::Result<(ModelConfig, Option<Weights
 /// Builds the engine the options describe.
 pub fn build_engine(opts: &WorkerOptions) -> anyhow::Result<Engine<Box<dyn Backend>>> {
     let (model, weights) = model_of(opts)?;
+    // A checkpoint takes its first alias as its name: not listed twice.
+    let aliases: Vec<String> = opts
+        .model_aliases
+        .iter()
+        .filter(|a| **a != model.name)
+        .cloned()
+        .collect();
     let backend: Box<dyn Backend> = match (opts.backend, weights) {
         (BackendChoice::Cpu, Some(weights)) => {
             Box::new(CpuBackend::new(model, weights, opts.blocks)?)
@@ -139,7 +146,7 @@ pub fn build_engine(opts: &WorkerOptions) -> anyhow::Result<Engine<Box<dyn Backe
         max_step_tokens: opts.step_tokens,
         over_share_prompt_tokens: opts.over_share_prompt_tokens,
         tenants: opts.tenants.as_ref().map(|t| t.iter().cloned().collect()),
-        model_aliases: opts.model_aliases.clone(),
+        model_aliases: aliases,
         ..EngineConfig::default()
     };
     Ok(Engine::new(backend, cfg))
