@@ -735,11 +735,18 @@ impl BpeTokenizer {
     /// The bytes of `tokens`, special tokens dropped, as the `tokenizers`
     /// library decodes them with `skip_special_tokens`.
     pub fn decode_bytes(&self, tokens: &[u32]) -> Vec<u8> {
+        self.decode_bytes_from(tokens, true)
+    }
+
+    /// [`Self::decode_bytes`] of tokens that continue an output when not
+    /// `at_start` (the leading space a `SentencePiece` decoder strips is
+    /// stripped at the start of an output only).
+    pub fn decode_bytes_from(&self, tokens: &[u32], at_start: bool) -> Vec<u8> {
         let mut out: Vec<u8> = tokens
             .iter()
             .flat_map(|&t| self.token_bytes(t).iter().copied())
             .collect();
-        if self.strips_leading_space() && out.first() == Some(&b' ') {
+        if at_start && self.strips_leading_space() && out.first() == Some(&b' ') {
             out.remove(0);
         }
         out

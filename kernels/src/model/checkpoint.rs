@@ -216,14 +216,9 @@ fn parse_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Checkpoi
     })
 }
 
-/// Reads the model's shapes from `dir`'s `config.json` (and end-of-sequence
-/// tokens from `generation_config.json` when present); `name` is what
-/// requests call it. Reads no weights.
-pub fn read_config(dir: &Path, name: &str) -> Result<ModelConfig, CheckpointError> {
-    parse_config(dir, name).map(|(config, _)| config)
-}
-
-/// [`read_config`], and whether the LM head is tied to the embedding.
+/// The model's shapes from `dir`'s `config.json` (and end-of-sequence
+/// tokens from `generation_config.json` when present; `name` is what
+/// requests call it), and whether the LM head is tied to the embedding.
 fn parse_config(dir: &Path, name: &str) -> Result<(ModelConfig, bool), CheckpointError> {
     let path = dir.join(CONFIG_FILE);
     let hf: HfConfig = parse_json(&path)?;
@@ -315,12 +310,6 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
     Ok(vec![dir.join(WEIGHTS_FILE)])
-}
-
-/// Tensors found so far, widened to f32, and the file each came from.
-#[derive(Default)]
-struct Found {
-    tensors: BTreeMap<String, (PathBuf, Vec<usize>, Vec<f32>)>,
 }
 
 fn widen(path: &Path, name: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>, CheckpointError> {
@@ -468,6 +457,16 @@ pub fn check(
     name: &str,
     max_context: Option<usize>,
 ) -> Result<ModelConfig, CheckpointError> {
+    checked(dir, name, max_context).map(|(config, _)| config)
+}
+
+/// [`check`], and whether the checkpoint has its own LM head (else the
+/// head is tied to the embedding).
+fn checked(
+    dir: &Path,
+    name: &str,
+    max_context: Option<usize>,
+) -> Result<(ModelConfig, bool), CheckpointError> {
     let (mut config, tie) = parse_config(dir, name)?;
     if let Some(limit) = max_context {
         config.max_context = config.max_context.min(limit.max(1));
@@ -507,7 +506,7 @@ pub fn check(
     if let Some((name, e)) = entries.into_iter().next() {
         return Err(CheckpointError::Unused { path: e.path, name });
     }
-    Ok(config)
+    Ok((config, head))
 }
 
 /// Loads the checkpoint in `dir`; `name` is what requests call the model.
@@ -519,9 +518,8 @@ pub fn load(
     name: &str,
     max_context: Option<usize>,
 ) -> Result<Checkpoint, CheckpointError> {
-    let config = check(dir, name, max_context)?;
-    let (_, tie) = parse_config(dir, name)?;
-    let mut found = Found::default();
+    let (config, head) = checked(dir, name, max_context)?;
+    let mut found = BTreeMap::new();
     for path in weight_files(dir)? {
         let bytes = read(&path)?;
         let file = SafeTensors::deserialize(&bytes).map_err(|e| CheckpointError::Safetensors {
@@ -533,85 +531,68 @@ pub fn load(
                 continue;
             }
             let data = widen(&path, &tensor_name, view.dtype(), view.data())?;
-            found
-                .tensors
-                .insert(tensor_name, (path.clone(), view.shape().to_vec(), data));
+            found.insert(tensor_name, (path.clone(), view.shape().to_vec(), data));
         }
     }
-    let weights = assemble(dir, &config, tie, &mut found)?;
-    if let Some((name, (path, _, _))) = found.tensors.into_iter().next() {
-        return Err(CheckpointError::Unused { path, name });
+    // In `expected`'s order; checked above, and again here in case a file
+    // changed since.
+    let mut tensors = Vec::new();
+    for (name, shape) in expected(&config, head) {
+        let (path, found_shape, data) =
+            found
+                .remove(&name)
+                .ok_or_else(|| CheckpointError::Missing {
+                    dir: dir.to_owned(),
+                    name: name.clone(),
+                })?;
+        if found_shape != shape {
+            return Err(CheckpointError::Shape {
+                path,
+                name,
+                found: found_shape,
+                expected: shape,
+            });
+        }
+        tensors.push(data);
     }
+    let weights = assemble(&config, tensors.into_iter());
     Ok(Checkpoint { config, weights })
 }
 
-/// Takes every tensor the model needs out of `found`, checking shapes.
-fn assemble(
-    dir: &Path,
-    cfg: &ModelConfig,
-    tie: bool,
-    found: &mut Found,
-) -> Result<Weights, CheckpointError> {
-    let (h, q, kv, ffn) = (
-        cfg.hidden,
-        cfg.heads * cfg.head_dim,
-        cfg.kv_heads * cfg.head_dim,
-        cfg.ffn,
-    );
-    let tied = tie && !found.tensors.contains_key("lm_head.weight");
-    let mut take = |name: &str, expected: &[usize]| -> Result<Vec<f32>, CheckpointError> {
-        let (path, shape, data) =
-            found
-                .tensors
-                .remove(name)
-                .ok_or_else(|| CheckpointError::Missing {
-                    dir: dir.to_owned(),
-                    name: name.to_owned(),
-                })?;
-        if shape != expected {
-            return Err(CheckpointError::Shape {
-                path,
-                name: name.to_owned(),
-                found: shape,
-                expected: expected.to_vec(),
-            });
-        }
-        Ok(data)
-    };
-    let embed = take("model.embed_tokens.weight", &[cfg.vocab, h])?;
-    let mut layers = Vec::with_capacity(cfg.layers);
-    for i in 0..cfg.layers {
-        let p = format!("model.layers.{i}");
-        let attn_norm = take(&format!("{p}.input_layernorm.weight"), &[h])?;
-        let mut wqkv = take(&format!("{p}.self_attn.q_proj.weight"), &[q, h])?;
-        wqkv.extend(take(&format!("{p}.self_attn.k_proj.weight"), &[kv, h])?);
-        wqkv.extend(take(&format!("{p}.self_attn.v_proj.weight"), &[kv, h])?);
-        let wo = take(&format!("{p}.self_attn.o_proj.weight"), &[h, q])?;
-        let ffn_norm = take(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
-        let mut w_gate_up = take(&format!("{p}.mlp.gate_proj.weight"), &[ffn, h])?;
-        w_gate_up.extend(take(&format!("{p}.mlp.up_proj.weight"), &[ffn, h])?);
-        let w_down = take(&format!("{p}.mlp.down_proj.weight"), &[h, ffn])?;
-        layers.push(LayerWeights {
-            attn_norm,
-            wqkv,
-            wo,
-            ffn_norm,
-            w_gate_up,
-            w_down,
-        });
-    }
-    let final_norm = take("model.norm.weight", &[h])?;
-    let lm_head = if tied {
-        embed.clone()
-    } else {
-        take("lm_head.weight", &[cfg.vocab, h])?
-    };
-    Ok(Weights {
+/// The weights from the tensors of [`expected`], in its order (without an
+/// LM head when it is tied to the embedding): Q, K, V and gate, up fused.
+fn assemble(cfg: &ModelConfig, mut tensors: impl Iterator<Item = Vec<f32>>) -> Weights {
+    let mut next = || tensors.next().expect("one tensor per expected name");
+    let embed = next();
+    let layers = (0..cfg.layers)
+        .map(|_| {
+            let attn_norm = next();
+            let mut wqkv = next();
+            wqkv.extend(next());
+            wqkv.extend(next());
+            let wo = next();
+            let ffn_norm = next();
+            let mut w_gate_up = next();
+            w_gate_up.extend(next());
+            let w_down = next();
+            LayerWeights {
+                attn_norm,
+                wqkv,
+                wo,
+                ffn_norm,
+                w_gate_up,
+                w_down,
+            }
+        })
+        .collect();
+    let final_norm = next();
+    let lm_head = tensors.next().unwrap_or_else(|| embed.clone());
+    Weights {
         embed,
         layers,
         final_norm,
         lm_head,
-    })
+    }
 }
 
 /// `weights` as Hugging Face names and shapes them (Q, K, V and gate, up
@@ -626,65 +607,36 @@ pub(crate) fn hf_tensors<'w>(
         cfg.kv_heads * cfg.head_dim,
         cfg.ffn,
     );
-    let mut tensors: Vec<(String, Vec<usize>, &'w [f32])> = vec![
-        (
-            "model.embed_tokens.weight".into(),
-            vec![cfg.vocab, h],
-            &weights.embed,
-        ),
-        ("model.norm.weight".into(), vec![h], &weights.final_norm),
-        (
-            "lm_head.weight".into(),
-            vec![cfg.vocab, h],
-            &weights.lm_head,
-        ),
-    ];
-    for (i, l) in weights.layers.iter().enumerate() {
-        let p = format!("model.layers.{i}");
+    let mut slices: Vec<&[f32]> = vec![&weights.embed];
+    for l in &weights.layers {
         let (wq, rest) = l.wqkv.split_at(q * h);
         let (wk, wv) = rest.split_at(kv * h);
         let (gate, up) = l.w_gate_up.split_at(ffn * h);
-        tensors.extend([
-            (
-                format!("{p}.input_layernorm.weight"),
-                vec![h],
-                &l.attn_norm[..],
-            ),
-            (format!("{p}.self_attn.q_proj.weight"), vec![q, h], wq),
-            (format!("{p}.self_attn.k_proj.weight"), vec![kv, h], wk),
-            (format!("{p}.self_attn.v_proj.weight"), vec![kv, h], wv),
-            (
-                format!("{p}.self_attn.o_proj.weight"),
-                vec![h, q],
-                &l.wo[..],
-            ),
-            (
-                format!("{p}.post_attention_layernorm.weight"),
-                vec![h],
-                &l.ffn_norm[..],
-            ),
-            (format!("{p}.mlp.gate_proj.weight"), vec![ffn, h], gate),
-            (format!("{p}.mlp.up_proj.weight"), vec![ffn, h], up),
-            (
-                format!("{p}.mlp.down_proj.weight"),
-                vec![h, ffn],
-                &l.w_down[..],
-            ),
+        slices.extend([
+            &l.attn_norm[..],
+            wq,
+            wk,
+            wv,
+            &l.wo,
+            &l.ffn_norm,
+            gate,
+            up,
+            &l.w_down,
         ]);
     }
-    tensors
+    slices.extend([&weights.final_norm[..], &weights.lm_head]);
+    expected(cfg, true)
+        .into_iter()
+        .zip(slices)
+        .map(|((name, shape), data)| (name, shape, data))
+        .collect()
 }
 
-/// Writes `weights` as a checkpoint [`load`] reads back bit for bit
-/// (`config.json`, F32 `model.safetensors`, Hugging Face's tensor names):
-/// the built-in model, say, for a host to serve as a checkpoint.
-pub fn save(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Result<(), CheckpointError> {
-    let write_error =
-        |path: PathBuf| move |source: std::io::Error| CheckpointError::Write { path, source };
-    std::fs::create_dir_all(dir).map_err(write_error(dir.to_owned()))?;
+/// `cfg` as Hugging Face writes a Llama `config.json` ([`save`]'s).
+pub(crate) fn hf_config(cfg: &ModelConfig) -> serde_json::Value {
     let mut eos = vec![cfg.eos];
     eos.extend(&cfg.extra_eos);
-    let config = serde_json::json!({
+    serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": cfg.vocab,
@@ -702,7 +654,17 @@ pub fn save(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Result<(), Chec
         "hidden_act": "silu",
         "tie_word_embeddings": false,
         "torch_dtype": "float32",
-    });
+    })
+}
+
+/// Writes `weights` as a checkpoint [`load`] reads back bit for bit
+/// (`config.json`, F32 `model.safetensors`, Hugging Face's tensor names):
+/// the built-in model, say, for a host to serve as a checkpoint.
+pub fn save(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Result<(), CheckpointError> {
+    let write_error =
+        |path: PathBuf| move |source: std::io::Error| CheckpointError::Write { path, source };
+    std::fs::create_dir_all(dir).map_err(write_error(dir.to_owned()))?;
+    let config = hf_config(cfg);
     let path = dir.join(CONFIG_FILE);
     let text = serde_json::to_vec_pretty(&config).expect("a JSON value serializes");
     std::fs::write(&path, text).map_err(write_error(path.clone()))?;

@@ -124,16 +124,7 @@ impl ModelText {
     fn bytes(&self, tokens: &[u32], first: bool) -> Vec<u8> {
         match self {
             Self::Builtin(bytes) => bytes.decode_bytes(tokens),
-            Self::Checkpoint(c) => {
-                let mut out: Vec<u8> = tokens
-                    .iter()
-                    .flat_map(|&t| c.tok.token_bytes(t).iter().copied())
-                    .collect();
-                if first && c.tok.strips_leading_space() && out.first() == Some(&b' ') {
-                    out.remove(0);
-                }
-                out
-            }
+            Self::Checkpoint(c) => c.tok.decode_bytes_from(tokens, first),
         }
     }
 }

@@ -90,11 +90,7 @@ fn model_of(opts: &WorkerOptions) -> anyhow::Result<(ModelConfig, Option<Weights
             Ok((model, Some(weights)))
         }
         (Some(dir), BackendChoice::Sim) => {
-            let mut model = checkpoint::read_config(dir, &name)?;
-            if let Some(limit) = opts.max_context {
-                model.max_context = model.max_context.min(limit.max(1));
-            }
-            Ok((model, None))
+            Ok((checkpoint::check(dir, &name, opts.max_context)?, None))
         }
         (Some(dir), _) => {
             let started = Instant::now();

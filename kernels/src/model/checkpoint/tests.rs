@@ -23,29 +23,6 @@ impl Drop for Dir {
     }
 }
 
-/// The tiny model's config as Hugging Face writes one.
-fn hf_config(cfg: &ModelConfig) -> serde_json::Value {
-    serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab,
-        "hidden_size": cfg.hidden,
-        "num_hidden_layers": cfg.layers,
-        "num_attention_heads": cfg.heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "intermediate_size": cfg.ffn,
-        "max_position_embeddings": cfg.max_context,
-        "rope_theta": cfg.rope_theta,
-        "rms_norm_eps": cfg.rms_eps,
-        "bos_token_id": cfg.bos,
-        "eos_token_id": cfg.eos,
-        "hidden_act": "silu",
-        "tie_word_embeddings": false,
-        "rope_scaling": null,
-        "torch_dtype": "float32",
-    })
-}
-
 /// The tensors of `w` under Hugging Face's names, owned (to edit).
 fn hf_tensors(cfg: &ModelConfig, w: &Weights) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     super::hf_tensors(cfg, w)
