@@ -196,15 +196,15 @@ impl AuditHook {
     /// Into the ring: at once if there is room, else waiting up to `wait`
     /// off the async threads.
     async fn submit(&self, event: AuditEvent, wait: Duration) -> Result<(), SubmitError> {
-        match self.sink.submit(event.clone(), Duration::ZERO) {
+        match self.sink.try_submit(event) {
             Ok(_) => Ok(()),
-            Err(SubmitError::Full { .. }) => {
+            Err((SubmitError::Full { .. }, Some(event))) => {
                 let sink = self.sink.clone();
                 tokio::task::spawn_blocking(move || sink.submit(event, wait).map(|_| ()))
                     .await
                     .unwrap_or(Err(SubmitError::Closed))
             }
-            Err(e) => Err(e),
+            Err((e, _)) => Err(e),
         }
     }
 }
@@ -317,9 +317,11 @@ impl Drop for Record {
         };
         // No waiting in a drop: at once if there is room, else on a blocking thread.
         let sink = self.hook.sink.clone();
-        match sink.submit(event.clone(), Duration::ZERO) {
+        match sink.try_submit(event) {
             Ok(_) => {}
-            Err(SubmitError::Full { .. }) if tokio::runtime::Handle::try_current().is_ok() => {
+            Err((SubmitError::Full { .. }, Some(event)))
+                if tokio::runtime::Handle::try_current().is_ok() =>
+            {
                 let pending = self.pending.take();
                 tokio::task::spawn_blocking(move || {
                     if let Err(err) = sink.submit(event, RECORD_WAIT) {
@@ -330,7 +332,7 @@ impl Drop for Record {
                     drop(pending);
                 });
             }
-            Err(err) => {
+            Err((err, _)) => {
                 tracing::error!("the audit record of an abandoned request was not taken: {err}");
             }
         }

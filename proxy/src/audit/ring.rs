@@ -159,6 +159,35 @@ impl AuditSink {
         &self.shared
     }
 
+    /// Puts `event` into the ring if there is room now. A full ring hands
+    /// it back with [`SubmitError::Full`] (for [`Self::submit`] to wait
+    /// with, off the async threads), so the caller need not keep a copy; it
+    /// is not counted as refused.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the event comes back by value so the common path never copies it"
+    )]
+    pub fn try_submit(
+        &self,
+        event: AuditEvent,
+    ) -> Result<Ticket, (SubmitError, Option<AuditEvent>)> {
+        let s = &*self.shared;
+        let st = lock(&s.state);
+        if st.closed {
+            return Err((SubmitError::Closed, None));
+        }
+        if st.queue.len() >= s.capacity {
+            // Not a refusal yet: the caller submits it again, waiting.
+            return Err((
+                SubmitError::Full {
+                    waited: Duration::ZERO,
+                },
+                Some(event),
+            ));
+        }
+        Ok(Self::push(s, st, event))
+    }
+
     /// Puts `event` into the ring, waiting at most `max_wait` for room.
     ///
     /// `Ok` means the event is in the ring and will be written (the writer
@@ -189,6 +218,11 @@ impl AuditSink {
         if st.closed {
             return Err(SubmitError::Closed);
         }
+        Ok(Self::push(s, st, event))
+    }
+
+    /// Appends `event` under the held lock `st`, then wakes the writer if it waits.
+    fn push(s: &Shared, mut st: MutexGuard<'_, State>, event: AuditEvent) -> Ticket {
         let ticket = Ticket(st.next_ticket);
         st.next_ticket += 1;
         st.queue.push_back(Entry { ticket, event });
@@ -198,7 +232,7 @@ impl AuditSink {
         if wake {
             s.not_empty.notify_one();
         }
-        Ok(ticket)
+        ticket
     }
 
     /// The highest ticket whose event (and every earlier one) is durable.
@@ -364,6 +398,29 @@ mod tests {
         );
         assert_eq!(out.len(), 2);
         assert_eq!(sink.submit(event(), Duration::ZERO), Ok(Ticket(3)));
+    }
+
+    #[test]
+    fn try_submit_hands_back_what_a_full_ring_cannot_take_without_refusing_it() {
+        let sink = AuditSink::new(1);
+        assert_eq!(sink.try_submit(event()), Ok(Ticket(1)));
+        let (err, back) = sink.try_submit(event()).unwrap_err();
+        assert_eq!(
+            err,
+            SubmitError::Full {
+                waited: Duration::ZERO
+            }
+        );
+        assert_eq!(back, Some(event()));
+        let c = sink.counters();
+        assert_eq!((c.submitted, c.full_refusals, c.ring_depth), (1, 0, 1));
+        // What came back is submitted again once there is room.
+        let mut out = VecDeque::new();
+        sink.shared()
+            .take_batch(&mut out, 10, Duration::ZERO, Duration::ZERO);
+        assert_eq!(sink.submit(back.unwrap(), Duration::ZERO), Ok(Ticket(2)));
+        sink.shared().writer_stopped();
+        assert_eq!(sink.try_submit(event()), Err((SubmitError::Closed, None)));
     }
 
     #[test]

@@ -542,7 +542,7 @@ async fn connection<H: Handler>(
             }
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
-                    // Boxed, the ~9 KB future is moved once, not once per layer of spawn.
+                    // Boxed, the ~4 KiB future is moved once, not once per layer of spawn.
                     let task = Box::pin(request(Arc::clone(&shared), Arc::clone(&state), resolver));
                     requests.spawn(task);
                     if state.permit.is_none() {
