@@ -14,6 +14,7 @@
 
 mod cpu;
 pub mod fairness;
+mod h3_wire;
 pub mod load;
 pub mod proxy;
 pub mod seed;

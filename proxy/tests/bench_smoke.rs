@@ -42,6 +42,7 @@ fn proxy_bench_prints_its_table() {
         "CPU per request: the proxy",
         "CPU per request: the load generator",
         "requests/s the proxy's CPU per request allows",
+        "the h3 crate's client: requests/s, its CPU per request",
         "added latency p50",
         "with busy polling, a 200 µs window (serve --busy-poll-us 200)",
         "handshakes/s, TLS/TCP",

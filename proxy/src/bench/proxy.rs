@@ -3,7 +3,11 @@
 //! A `sim` worker with `--sim-fast` (steps cost nothing) behind the whole
 //! front door, measuring, in one run:
 //! - requests per second over ONE HTTP/3 connection with 64 concurrent
-//!   streams (non-streaming chat completions, `max_tokens` 1);
+//!   streams (non-streaming chat completions, `max_tokens` 1), sent by a
+//!   lean HTTP/3 client ([`super::h3_wire`]: each request encoded once,
+//!   one write per request), and, for comparison, by the `h3` crate's
+//!   client (the load generator's cost is the proxy's loss: they share
+//!   the cores);
 //! - the latency the proxy adds: the same request through the proxy, one
 //!   at a time, minus a direct [`WorkerLink`] Submit → Finished round trip
 //!   to a second, identical worker process; in interleaved rounds with the
@@ -12,7 +16,8 @@
 //! - full mutual-TLS handshakes per second (no resumption, a new
 //!   connection each) on the TLS/TCP and the QUIC listener, 2 connectors each.
 //!
-//! Client and proxy share this process, each on a runtime of its own (the
+//! The one-at-a-time requests of the latency part go through the lean
+//! client too. Client and proxy share this process, each on a runtime of its own (the
 //! proxy's has `serve`'s default threads unless told otherwise; the
 //! clients' two: every client of every part runs there), so the CPU each
 //! spends in the throughput part is read apart (`/proc`, per thread): the
@@ -22,7 +27,9 @@
 use super::{
     Front, FrontOptions, H3Client, TempDir, clone_request,
     cpu::{CpuSnapshot, CpuUse},
-    drain, float, post, quic_client, sim_worker_args, us, verdict,
+    drain, float,
+    h3_wire::{WireClient, WireRequest},
+    post, quic_client, sim_worker_args, us, verdict,
 };
 use crate::{
     dispatch::QueuePolicy,
@@ -144,8 +151,9 @@ async fn measure(
     poll: Arc<BusyPoll>,
 ) -> anyhow::Result<String> {
     let total = Duration::from_secs(opts.seconds.max(1));
-    let throughput_time = total.mul_f64(0.4);
-    let latency_time = total.mul_f64(0.3);
+    let throughput_time = total.mul_f64(0.3);
+    let h3_throughput_time = total.mul_f64(0.12);
+    let latency_time = total.mul_f64(0.28);
     let handshake_time = total.mul_f64(0.15);
 
     let front = Front::start(FrontOptions {
@@ -187,28 +195,43 @@ async fn measure(
     })
     .await??;
 
-    // The client's endpoint and connection are driven on the clients' runtime.
-    let tls = front.client_tls(TENANT, &QUIC_ALPN)?;
+    // The clients' endpoints and connections are driven on the clients' runtime.
     let server = front.quic;
-    let client = clients
-        .spawn(async move { H3Client::connect_with(quic_client(tls, server)?, server).await })
+    let tls = front.client_tls(TENANT, &QUIC_ALPN)?;
+    let wire = clients
+        .spawn(async move { WireClient::connect(quic_client(tls, server)?, server).await })
         .await??;
-    let rps = throughput(&client, clients, throughput_time).await?;
+    let wire = Arc::new(wire);
+    let authority = format!("localhost:{}", server.port());
+    let completion = WireRequest::post_json(&authority, "/v1/chat/completions", &body());
+    let rps = throughput(throughput_time, |window| {
+        let (client, request) = (Arc::clone(&wire), completion.clone());
+        clients.spawn(async move {
+            while window.open() {
+                let answer = client.send(&request).await;
+                window.count(answer.is_ok_and(|a| a.status == 200 && a.body_len > 0));
+            }
+        })
+    })
+    .await?;
+    let h3_rps = h3_throughput(&front, clients, h3_throughput_time).await?;
     // The one-at-a-time client runs as a task of the clients' runtime too.
-    let client = Arc::new(client);
     let latency = {
-        let client = Arc::clone(&client);
+        let client = Arc::clone(&wire);
         let window = opts.busy_poll;
+        let requests = [completion, WireRequest::get(&authority, "/healthz")];
         clients
-            .spawn(async move { added_latency(&client, link, latency_time, &poll, window).await })
+            .spawn(async move {
+                added_latency(&client, &requests, link, latency_time, &poll, window).await
+            })
             .await??
     };
     let tcp = tcp_handshakes(&front, clients, handshake_time).await?;
     let quic = quic_handshakes(&front, clients, handshake_time).await?;
-    client.conn.close(0u32.into(), b"done");
+    wire.close();
     front.stop().await;
     drop(dir);
-    Ok(report(opts, threads, &rps, &latency, tcp, quic))
+    Ok(report(opts, threads, &rps, &h3_rps, &latency, tcp, quic))
 }
 
 /// What the throughput part measured.
@@ -223,46 +246,47 @@ struct Throughput {
     cpu: CpuUse,
 }
 
-/// Requests per second over one connection with [`STREAMS`] streams.
+/// A throughput window: its tasks send while it is open and count what
+/// came back within its counted part (after the warm-up).
+struct Window {
+    counted_from: Instant,
+    end: Instant,
+    done: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+impl Window {
+    fn open(&self) -> bool {
+        Instant::now() < self.end
+    }
+
+    fn count(&self, ok: bool) {
+        if !ok {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        } else if (self.counted_from..self.end).contains(&Instant::now()) {
+            self.done.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Requests per second over one connection with [`STREAMS`] streams: `spawn`
+/// starts one stream's task (on the clients' runtime) sending through the window.
 async fn throughput(
-    client: &H3Client,
-    clients: &Handle,
     time: Duration,
+    spawn: impl Fn(Arc<Window>) -> tokio::task::JoinHandle<()>,
 ) -> anyhow::Result<Throughput> {
     let warm = (time / 4).min(Duration::from_secs(1));
     let start = Instant::now();
-    let (counted_from, end) = (start + warm, start + time);
-    let done = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    // Built once: the load generator's own JSON is not the proxy's cost.
-    let payload = body();
-    for _ in 0..STREAMS {
-        let mut send = client.send.clone();
-        let payload = payload.clone();
-        let request = client.request("/v1/chat/completions");
-        let (done, failed) = (Arc::clone(&done), Arc::clone(&failed));
-        tasks.push(clients.spawn(async move {
-            while Instant::now() < end {
-                let ok = async {
-                    let r = clone_request(&request);
-                    let (status, mut stream) = post(&mut send, r, payload.clone()).await?;
-                    drain(&mut stream).await?;
-                    anyhow::Ok(status == http::StatusCode::OK)
-                }
-                .await;
-                if matches!(ok, Ok(true)) {
-                    if Instant::now() >= counted_from && Instant::now() < end {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                } else {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
+    let window = Arc::new(Window {
+        counted_from: start + warm,
+        end: start + time,
+        done: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+    });
+    let tasks: Vec<_> = (0..STREAMS).map(|_| spawn(Arc::clone(&window))).collect();
     // The CPU counters are read on a thread of their own at the counted
     // window's edges, so reading `/proc` stays off the runtime's threads.
+    let (counted_from, end) = (window.counted_from, window.end);
     let cpu = tokio::task::spawn_blocking(move || {
         let wait_until =
             |t: Instant| std::thread::sleep(t.saturating_duration_since(Instant::now()));
@@ -275,13 +299,46 @@ async fn throughput(
         task.await?;
     }
     let cpu = cpu.await??;
-    let done = done.load(Ordering::Relaxed);
+    let done = window.done.load(Ordering::Relaxed);
     Ok(Throughput {
         rate: float(done) / time.saturating_sub(warm).as_secs_f64(),
-        failed: failed.load(Ordering::Relaxed),
+        failed: window.failed.load(Ordering::Relaxed),
         done,
         cpu,
     })
+}
+
+/// [`throughput`] through the `h3` crate's client, for comparison.
+async fn h3_throughput(
+    front: &Front,
+    clients: &Handle,
+    time: Duration,
+) -> anyhow::Result<Throughput> {
+    let server = front.quic;
+    let tls = front.client_tls(TENANT, &QUIC_ALPN)?;
+    let h3 = clients
+        .spawn(async move { H3Client::connect_with(quic_client(tls, server)?, server).await })
+        .await??;
+    let rps = throughput(time, |window| {
+        let mut send = h3.send.clone();
+        let request = h3.request("/v1/chat/completions");
+        let payload = body();
+        clients.spawn(async move {
+            while window.open() {
+                let ok = async {
+                    let r = clone_request(&request);
+                    let (status, mut stream) = post(&mut send, r, payload.clone()).await?;
+                    drain(&mut stream).await?;
+                    anyhow::Ok(status == http::StatusCode::OK)
+                }
+                .await;
+                window.count(matches!(ok, Ok(true)));
+            }
+        })
+    })
+    .await?;
+    h3.conn.close(0u32.into(), b"done");
+    Ok(rps)
 }
 
 /// The same request through the proxy (busy polling off, then on) and
@@ -289,7 +346,8 @@ async fn throughput(
 /// all alike. `poll` is the proxy runtime's busy poll, `window` that of its
 /// busy-polling rounds.
 async fn added_latency(
-    client: &H3Client,
+    client: &WireClient,
+    [completion, health]: &[WireRequest; 2],
     mut link: WorkerLink,
     time: Duration,
     poll: &BusyPoll,
@@ -305,7 +363,6 @@ async fn added_latency(
         polled: ThroughProxy::default(),
         direct: Vec::new(),
     };
-    let mut send = client.send.clone();
     let end = Instant::now() + time;
     let mut next_id: u128 = 1;
     // One warm-up round each, not counted.
@@ -313,7 +370,7 @@ async fn added_latency(
     while Instant::now() < end || !counted {
         for (on, into) in [(false, &mut out.plain), (true, &mut out.polled)] {
             poll.set_window(if on { window } else { Duration::ZERO });
-            let round = through_proxy(client, &mut send, ROUND).await?;
+            let round = through_proxy(client, completion, health, ROUND).await?;
             if counted {
                 into.completions.extend(round.completions);
                 into.floor.extend(round.floor);
@@ -370,30 +427,21 @@ async fn added_latency(
 
 /// `n` completions and `n` `GET /healthz`, alternating, one at a time.
 async fn through_proxy(
-    client: &H3Client,
-    send: &mut h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    client: &WireClient,
+    completion: &WireRequest,
+    health: &WireRequest,
     n: usize,
 ) -> anyhow::Result<ThroughProxy> {
-    let mut health = client.request("/healthz");
-    *health.method_mut() = http::Method::GET;
-    let request = client.request("/v1/chat/completions");
-    let payload = body();
     let mut out = ThroughProxy::default();
     for _ in 0..n {
-        let r = clone_request(&request);
         let t0 = Instant::now();
-        let (status, mut stream) = post(send, r, payload.clone()).await?;
-        drain(&mut stream).await?;
+        let answer = client.send(completion).await?;
         out.completions.push(t0.elapsed());
-        anyhow::ensure!(status == http::StatusCode::OK, "status {status}");
-        let r = clone_request(&health);
+        anyhow::ensure!(answer.status == 200, "status {}", answer.status);
         let t0 = Instant::now();
-        let mut stream = send.send_request(r).await?;
-        stream.finish().await?;
-        let status = stream.recv_response().await?.status();
-        drain(&mut stream).await?;
+        let answer = client.send(health).await?;
         out.floor.push(t0.elapsed());
-        anyhow::ensure!(status == http::StatusCode::OK, "healthz status {status}");
+        anyhow::ensure!(answer.status == 200, "healthz status {}", answer.status);
     }
     Ok(out)
 }
@@ -520,6 +568,7 @@ fn report(
     opts: &ProxyOptions,
     threads: usize,
     throughput: &Throughput,
+    h3: &Throughput,
     latency: &Latency,
     tcp: f64,
     quic: f64,
@@ -534,7 +583,7 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "  clients (quinn + h3, tokio-rustls) share this process and the machine's cores with the proxy; runtime threads: the proxy's {threads}, the clients' 2; cores here: {cores}\n",
+        "  clients (quinn with a lean HTTP/3 client, and the h3 crate's for comparison; tokio-rustls) share this process and the machine's cores with the proxy; runtime threads: the proxy's {threads}, the clients' 2; cores here: {cores}\n",
     );
     let _ = writeln!(
         out,
@@ -548,10 +597,8 @@ fn report(
         &format!(">= {GOAL_RPS:.0}"),
         rps >= GOAL_RPS,
     );
-    let per_request = |d: Duration| {
-        let n = u32::try_from(throughput.done.max(1)).unwrap_or(u32::MAX);
-        us(d / n)
-    };
+    let per_request =
+        |d: Duration| us(d / u32::try_from(throughput.done.max(1)).unwrap_or(u32::MAX));
     let cpu = throughput.cpu;
     let proxy = cpu.proxy + cpu.children;
     row(
@@ -578,6 +625,13 @@ fn report(
         &format!("{:.0}", capacity(proxy, throughput.done, cores)),
         "-",
     );
+    let h3_per_request = us(h3.cpu.client / u32::try_from(h3.done.max(1)).unwrap_or(u32::MAX));
+    row(
+        &mut out,
+        "  the h3 crate's client: requests/s, its CPU per request",
+        &format!("{:.0}", h3.rate),
+        &h3_per_request,
+    );
     latency_rows(&mut out, &latency.plain, &latency.direct);
     let _ = writeln!(
         out,
@@ -596,7 +650,7 @@ fn report(
     let _ = writeln!(
         out,
         "failed requests in the throughput part: {}",
-        throughput.failed
+        throughput.failed + h3.failed
     );
     out
 }
