@@ -4,7 +4,7 @@
 //! front door, measuring, in one run:
 //! - requests per second over ONE HTTP/3 connection with 64 concurrent
 //!   streams (non-streaming chat completions, `max_tokens` 1), sent by a
-//!   lean HTTP/3 client ([`super::h3_wire`]: each request encoded once,
+//!   lean HTTP/3 client (`bench/h3_wire.rs`: each request encoded once,
 //!   one write per request), and, for comparison, by the `h3` crate's
 //!   client (the load generator's cost is the proxy's loss: they share
 //!   the cores);
@@ -17,7 +17,8 @@
 //!   connection each) on the TLS/TCP and the QUIC listener, 2 connectors each.
 //!
 //! The one-at-a-time requests of the latency part go through the lean
-//! client too. Client and proxy share this process, each on a runtime of its own (the
+//! client too, as the direct baseline goes through the worker link's own.
+//! Client and proxy share this process, each on a runtime of its own (the
 //! proxy's has `serve`'s default threads unless told otherwise; the
 //! clients' two: every client of every part runs there), so the CPU each
 //! spends in the throughput part is read apart (`/proc`, per thread): the
