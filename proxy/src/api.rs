@@ -435,8 +435,7 @@ impl App {
             e.param = b.param;
             fail(e)
         })?;
-        let model_text = Arc::clone(self.texts.get(&parsed.model).unwrap_or(&self.builtin));
-        let prompt_tokens = encode_prompt(&model_text, &parsed).map_err(fail)?;
+        let (model_text, prompt_tokens) = self.tokenize(tenant, &parsed).map_err(fail)?;
         let context = policy
             .config
             .model(&parsed.model)
@@ -523,6 +522,25 @@ impl App {
         Ok(Box::pin(run.respond(ticket, completion_id, release)).await)
     }
 
+    /// The prompt's model text and tokens, once the checks that need no
+    /// tokens passed: what would be refused anyway is refused before it is
+    /// tokenized (a tokenizer's time grows with the prompt, on the shared runtime).
+    fn tokenize(
+        &self,
+        tenant: &TenantState,
+        parsed: &openai::CompletionRequest,
+    ) -> Result<(Arc<ModelText>, Vec<u32>), ApiError> {
+        admission::authorize_prompt(
+            &tenant.policy,
+            &parsed.model,
+            parsed.prompt.content_bytes() as u64,
+        )
+        .map_err(|r| rejection_error(&r))?;
+        let model_text = Arc::clone(self.texts.get(&parsed.model).unwrap_or(&self.builtin));
+        let tokens = encode_prompt(&model_text, parsed)?;
+        Ok((model_text, tokens))
+    }
+
     /// Refuses new work while the audit ring is nearly full (503 `audit_backlog`).
     fn audit_gate(&self) -> Result<(), ApiError> {
         if self.audit.as_ref().is_some_and(AuditHook::behind) {
@@ -551,30 +569,8 @@ impl App {
             .limiter
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        admission::admit(self.now(), &tenant.policy, &mut limiter, queued, request).map_err(|r| {
-            let status = StatusCode::from_u16(r.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
-            let body = r.error_body();
-            ApiError {
-                status,
-                kind: if status == StatusCode::TOO_MANY_REQUESTS {
-                    "rate_limit_error"
-                } else {
-                    "invalid_request_error"
-                },
-                code: match status {
-                    StatusCode::TOO_MANY_REQUESTS => "rate_limit_exceeded",
-                    StatusCode::FORBIDDEN => "model_not_found",
-                    StatusCode::PAYLOAD_TOO_LARGE => "prompt_too_large",
-                    _ => "invalid_value",
-                },
-                param: None,
-                message: body["error"]["message"]
-                    .as_str()
-                    .unwrap_or("refused")
-                    .to_owned(),
-                retry_after: r.retry_after_secs(),
-            }
-        })
+        admission::admit(self.now(), &tenant.policy, &mut limiter, queued, request)
+            .map_err(|r| rejection_error(&r))
     }
 
     /// The admitted request's reservation, given back (with the tokens used) when dropped.
@@ -648,6 +644,32 @@ impl Policy {
             tenants,
             keys,
         })
+    }
+}
+
+/// The API's error for a refusal of the core's admission.
+fn rejection_error(r: &admission::Rejection) -> ApiError {
+    let status = StatusCode::from_u16(r.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+    let body = r.error_body();
+    ApiError {
+        status,
+        kind: if status == StatusCode::TOO_MANY_REQUESTS {
+            "rate_limit_error"
+        } else {
+            "invalid_request_error"
+        },
+        code: match status {
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_exceeded",
+            StatusCode::FORBIDDEN => "model_not_found",
+            StatusCode::PAYLOAD_TOO_LARGE => "prompt_too_large",
+            _ => "invalid_value",
+        },
+        param: None,
+        message: body["error"]["message"]
+            .as_str()
+            .unwrap_or("refused")
+            .to_owned(),
+        retry_after: r.retry_after_secs(),
     }
 }
 

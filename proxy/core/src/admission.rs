@@ -167,6 +167,30 @@ impl Rejection {
     }
 }
 
+/// The checks of [`admit`] that need no token count: the model is allowed
+/// and the prompt's content is within the tenant's bytes. The front door
+/// runs them before it tokenizes a prompt, so a request that would be
+/// refused anyway costs no tokenizing (a tokenizer's time grows with the
+/// prompt); [`admit`] runs them again, with the rest.
+pub fn authorize_prompt(
+    policy: &TenantPolicy,
+    model: &str,
+    prompt_bytes: u64,
+) -> Result<(), Rejection> {
+    if !policy.allows_model(model) {
+        return Err(Rejection::ModelNotAllowed {
+            model: model.to_owned(),
+        });
+    }
+    if prompt_bytes > policy.max_prompt_bytes {
+        return Err(Rejection::PromptTooLarge {
+            bytes: prompt_bytes,
+            limit: policy.max_prompt_bytes,
+        });
+    }
+    Ok(())
+}
+
 /// Decides on one request of the tenant `policy` describes.
 ///
 /// On success the returned [`Admitted`] holds the reserved tokens

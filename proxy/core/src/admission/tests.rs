@@ -129,6 +129,40 @@ fn each_refusal_has_its_status_and_openai_error() {
     assert_eq!(limiter.available_tokens(T0), 6_000);
 }
 
+/// What needs no token count is refused alike before the prompt is
+/// tokenized and by admission after it, and admits what admission admits.
+#[test]
+fn authorizing_a_prompt_agrees_with_admission() {
+    let policy = policy();
+    let mut limiter = limiter_for(&policy).unwrap();
+    for (model, bytes) in [
+        ("big", 10),
+        ("tiny-llama", policy.max_prompt_bytes + 1),
+        ("tiny-llama", policy.max_prompt_bytes),
+    ] {
+        let early = authorize_prompt(&policy, model, bytes);
+        let full = admit(
+            T0,
+            &policy,
+            &mut limiter,
+            EMPTY,
+            &AdmissionRequest {
+                model,
+                prompt_bytes: bytes,
+                prompt_tokens: 1,
+                max_tokens: 1,
+            },
+        );
+        match (early, full) {
+            (Err(a), Err(b)) => assert_eq!(a, b),
+            (Ok(()), Ok(admitted)) => {
+                limiter.complete(T0, admitted, 0);
+            }
+            other => panic!("{model} {bytes}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn a_full_backlog_refuses_with_429_before_touching_the_limits() {
     let policy = policy();
