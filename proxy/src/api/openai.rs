@@ -295,7 +295,10 @@ fn checked<M>(
     };
     let stop = match raw.stop {
         None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => vec![s],
+        Some(Value::String(s)) if !s.is_empty() => vec![s],
+        Some(Value::String(_)) => {
+            return Err(bad("'stop' must not be an empty string", Some("stop")));
+        }
         Some(Value::Array(items)) if items.len() <= 4 => items
             .into_iter()
             .map(|v| match v {
@@ -432,20 +435,36 @@ pub struct Utf8Stream {
 
 impl Utf8Stream {
     /// Text completed by `bytes`.
+    /// Invalid bytes become U+FFFD as `String::from_utf8_lossy` would make
+    /// them of the whole output; a character still unfinished at the end
+    /// waits for its next bytes, even behind invalid ones.
     pub fn push(&mut self, bytes: &[u8]) -> String {
         self.pending.extend_from_slice(bytes);
-        let valid = match std::str::from_utf8(&self.pending) {
-            Ok(_) => self.pending.len(),
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            // Invalid bytes (not a split character): replace them now.
-            Err(_) => {
-                let text = String::from_utf8_lossy(&self.pending).into_owned();
-                self.pending.clear();
-                return text;
+        let mut text = String::new();
+        let mut rest: &[u8] = &self.pending;
+        while !rest.is_empty() {
+            match std::str::from_utf8(rest) {
+                Ok(valid) => {
+                    text.push_str(valid);
+                    rest = &[];
+                }
+                Err(e) => {
+                    let (valid, after) = rest.split_at(e.valid_up_to());
+                    text.push_str(std::str::from_utf8(valid).expect("valid up to here"));
+                    // None: the start of a character whose rest has not come.
+                    let Some(invalid) = e.error_len() else {
+                        rest = after;
+                        break;
+                    };
+                    // Invalid bytes, not a split character: replaced now.
+                    text.push(char::REPLACEMENT_CHARACTER);
+                    rest = &after[invalid..];
+                }
             }
-        };
-        let rest = self.pending.split_off(valid);
-        String::from_utf8(std::mem::replace(&mut self.pending, rest)).expect("checked valid above")
+        }
+        let taken = self.pending.len() - rest.len();
+        self.pending.drain(..taken);
+        text
     }
 
     /// Whatever is left at the end (an unfinished character becomes U+FFFD).
@@ -672,6 +691,16 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_stop_string_is_refused_as_empty_entries_are() {
+        for stop in ["\"\"", "[\"\"]"] {
+            let body = format!("{{\"model\":\"m\",\"prompt\":\"x\",\"stop\":{stop}}}");
+            let e = parse(Kind::Text, body.as_bytes()).expect_err(&body);
+            assert_eq!(e.param, Some("stop"), "{body}");
+            assert!(e.message.contains("empty"), "{body}: {}", e.message);
+        }
+    }
+
+    #[test]
     fn split_characters_wait_for_their_last_byte() {
         let mut s = Utf8Stream::default();
         let euro = "€".as_bytes();
@@ -681,5 +710,32 @@ mod tests {
         assert_eq!(s.push(&[0xff]), "\u{fffd}");
         assert_eq!(s.push(&euro[..2]), "");
         assert_eq!(s.finish(), "\u{fffd}");
+        // An unfinished character behind an invalid byte still waits.
+        assert_eq!(s.push(&[0xff, euro[0], euro[1]]), "\u{fffd}");
+        assert_eq!(s.push(&euro[2..]), "€");
+    }
+
+    proptest! {
+        /// Pieces decoded as they come read as the whole decoded at once.
+        #[test]
+        fn pieces_read_as_the_whole(
+            bytes in proptest::collection::vec(
+                prop_oneof![Just(0xe2u8), Just(0x82), Just(0xac), Just(0xff), Just(b'a'), any::<u8>()],
+                0..40,
+            ),
+            cuts in proptest::collection::vec(0usize..40, 0..6),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.sort_unstable();
+            let mut s = Utf8Stream::default();
+            let mut text = String::new();
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([bytes.len()]) {
+                text.push_str(&s.push(&bytes[from..cut]));
+                from = cut;
+            }
+            text.push_str(&s.finish());
+            prop_assert_eq!(text, String::from_utf8_lossy(&bytes).into_owned());
+        }
     }
 }
