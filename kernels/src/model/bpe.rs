@@ -22,6 +22,10 @@ use std::{
 /// The file a checkpoint directory keeps its tokenizer in.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
+/// The largest vocabulary a tokenizer may have (as `ModelConfig::validate`
+/// accepts): ids past it are refused before any table is sized by them.
+const MAX_VOCAB: usize = 1 << 22;
+
 /// Why a `tokenizer.json` cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -475,6 +479,32 @@ impl BpeTokenizer {
             .chain(file.added_tokens.iter().map(|t| &t.id))
             .max()
             .map_or(0, |&m| m as usize + 1);
+        if size > MAX_VOCAB {
+            return Err(invalid(
+                path,
+                format!(
+                    "token id {} is past the largest vocabulary accepted ({MAX_VOCAB})",
+                    size - 1
+                ),
+            ));
+        }
+        // Text never becomes a special token: no added token may share an id
+        // with a vocabulary entry of other content.
+        let by_id: HashMap<u32, &String> = vocab.iter().map(|(p, &id)| (id, p)).collect();
+        if let Some((t, piece)) = file.added_tokens.iter().find_map(|t| {
+            by_id
+                .get(&t.id)
+                .filter(|p| ***p != t.content)
+                .map(|p| (t, p))
+        }) {
+            return Err(invalid(
+                path,
+                format!(
+                    "added token {:?} has id {}, which the vocabulary gives to {piece:?}",
+                    t.content, t.id
+                ),
+            ));
+        }
         let mut pieces = vec![None; size];
         for (piece, &id) in &vocab {
             pieces[id as usize] = Some(piece.clone());

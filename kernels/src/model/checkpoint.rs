@@ -305,8 +305,21 @@ fn parse_config(dir: &Path, name: &str) -> Result<(ModelConfig, bool), Checkpoin
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
     let index = dir.join(INDEX_FILE);
     if index.is_file() {
-        let index: ShardIndex = parse_json(&index)?;
-        let files: BTreeSet<&String> = index.weight_map.values().collect();
+        let parsed: ShardIndex = parse_json(&index)?;
+        let files: BTreeSet<&String> = parsed.weight_map.values().collect();
+        // A shard is a file of this directory: no path that leads out of it.
+        if let Some(outside) = files.iter().find(|f| {
+            let mut parts = Path::new(f.as_str()).components();
+            !matches!(
+                (parts.next(), parts.next()),
+                (Some(std::path::Component::Normal(_)), None)
+            )
+        }) {
+            return Err(CheckpointError::Json {
+                path: index,
+                detail: format!("weight_map names `{outside}`, not a file of this directory"),
+            });
+        }
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
     Ok(vec![dir.join(WEIGHTS_FILE)])
@@ -392,13 +405,31 @@ fn header(path: &Path, into: &mut BTreeMap<String, Entry>) -> Result<(), Checkpo
         let offsets = info
             .get("data_offsets")
             .and_then(serde_json::Value::as_array)
-            .and_then(|a| a.get(1))
-            .and_then(serde_json::Value::as_u64);
-        let (Some(dtype), Some(shape), Some(stop)) = (dtype, shape, offsets) else {
+            .and_then(|a| match a.as_slice() {
+                [start, stop] => Some((start.as_u64()?, stop.as_u64()?)),
+                _ => None,
+            });
+        let (Some(dtype), Some(shape), Some((start, stop))) = (dtype, shape, offsets) else {
             return Err(invalid(format!(
                 "tensor `{name}` lacks a dtype, a shape or data offsets"
             )));
         };
+        // As the loader will read it: its bytes are its shape's elements.
+        let elements = shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?));
+        let width = match dtype {
+            "F32" => Some(4),
+            "F16" | "BF16" => Some(2),
+            _ => None,
+        };
+        if let (Some(width), Some(elements)) = (width, elements)
+            && (start > stop || elements.checked_mul(width) != Some(stop - start))
+        {
+            return Err(invalid(format!(
+                "tensor `{name}` of shape {shape:?} ({dtype}) has data offsets [{start}, {stop}]"
+            )));
+        }
         end = end.max(stop);
         into.insert(
             name,
@@ -409,11 +440,14 @@ fn header(path: &Path, into: &mut BTreeMap<String, Entry>) -> Result<(), Checkpo
             },
         );
     }
-    if 8 + n + end != len {
-        return Err(invalid(format!(
-            "the file is {len} bytes but its header describes {} (a partial copy?)",
-            8 + n + end
-        )));
+    let described = (8 + n).checked_add(end);
+    if described != Some(len) {
+        return Err(invalid(match described {
+            Some(d) => {
+                format!("the file is {len} bytes but its header describes {d} (a partial copy?)")
+            }
+            None => format!("the file is {len} bytes but its header describes more than 2^64"),
+        }));
     }
     Ok(())
 }

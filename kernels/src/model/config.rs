@@ -63,6 +63,28 @@ pub enum ModelConfigError {
         /// Elements per head.
         head_dim: usize,
     },
+    /// A dimension past what any model here has (and past what fits in memory).
+    #[error("model `{model}`: {field} ({value}) is larger than {max}")]
+    TooLarge {
+        /// The model.
+        model: String,
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: usize,
+        /// The largest accepted.
+        max: usize,
+    },
+    /// A float that must be a positive number is not.
+    #[error("model `{model}`: {field} ({value}) must be a positive finite number")]
+    NotPositive {
+        /// The model.
+        model: String,
+        /// The field.
+        field: &'static str,
+        /// Its value, as written.
+        value: String,
+    },
     /// A special token is outside the vocabulary.
     #[error("model `{model}`: token {token} is outside the vocabulary of {vocab}")]
     Token {
@@ -113,6 +135,35 @@ impl ModelConfig {
                 return Err(ModelConfigError::Zero {
                     model: model(),
                     field,
+                });
+            }
+        }
+        // Bounds far past any Llama-family model, so that shapes built from
+        // a config file (heads x head_dim, one name per layer) stay small.
+        for (field, value, max) in [
+            ("vocab", self.vocab, 1 << 22),
+            ("hidden", self.hidden, 1 << 16),
+            ("layers", self.layers, 1 << 10),
+            ("heads", self.heads, 1 << 10),
+            ("kv_heads", self.kv_heads, 1 << 10),
+            ("ffn", self.ffn, 1 << 20),
+            ("max_context", self.max_context, 1 << 24),
+        ] {
+            if value > max {
+                return Err(ModelConfigError::TooLarge {
+                    model: model(),
+                    field,
+                    value,
+                    max,
+                });
+            }
+        }
+        for (field, value) in [("rope_theta", self.rope_theta), ("rms_eps", self.rms_eps)] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(ModelConfigError::NotPositive {
+                    model: model(),
+                    field,
+                    value: value.to_string(),
                 });
             }
         }

@@ -139,6 +139,22 @@ fn what_is_not_read_is_refused_by_name() {
     assert!(e.contains("dropout"), "{e}");
     let e = refused(&serde_json::json!({"pre_tokenizer": level, "model": model}));
     assert!(e.contains("needs a ByteLevel decoder"), "{e}");
+    let e = refused(
+        &serde_json::json!({"pre_tokenizer": level, "decoder": level, "model": model,
+        "added_tokens": [{"id": 4_294_967_295u32, "content": "<|x|>", "special": true}]}),
+    );
+    assert!(
+        e.contains("token id 4294967295 is past the largest vocabulary accepted"),
+        "{e}"
+    );
+    let e = refused(
+        &serde_json::json!({"pre_tokenizer": level, "decoder": level, "model": model,
+        "added_tokens": [{"id": 2, "content": "<|eot_id|>", "special": true}]}),
+    );
+    assert!(
+        e.contains("added token \"<|eot_id|>\" has id 2, which the vocabulary gives to \"ab\""),
+        "{e}"
+    );
     let e = BpeTokenizer::from_json("tok.json", b"{")
         .expect_err("refused")
         .to_string();

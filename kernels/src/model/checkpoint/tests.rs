@@ -315,6 +315,81 @@ fn what_the_model_cannot_run_is_refused_by_name() {
 }
 
 #[test]
+fn what_the_files_declare_is_bounded_before_anything_is_sized_by_it() {
+    let e = refusal(|_, c, _| c["num_hidden_layers"] = 10_000_000_000u64.into());
+    assert!(
+        e.contains("layers (10000000000) is larger than 1024"),
+        "{e}"
+    );
+    // heads x head_dim would overflow: refused by its bound first.
+    let e = refusal(|_, c, _| {
+        c["num_attention_heads"] = (1u64 << 62).into();
+        c["num_key_value_heads"] = (1u64 << 62).into();
+    });
+    assert!(
+        e.contains("heads (4611686018427387904) is larger than 1024"),
+        "{e}"
+    );
+    let e = refusal(|_, c, _| c["rope_theta"] = 0.0.into());
+    assert!(
+        e.contains("rope_theta (0) must be a positive finite number"),
+        "{e}"
+    );
+
+    // A tensor whose offsets do not span its shape's bytes, in a file
+    // whose length the header accounts for.
+    let e = refusal(|dir, _, _| {
+        let header = br#"{"model.norm.weight":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}"#;
+        let mut file = u64::try_from(header.len())
+            .expect("small")
+            .to_le_bytes()
+            .to_vec();
+        file.extend_from_slice(header);
+        file.extend_from_slice(&[0; 8]);
+        std::fs::write(dir.join(WEIGHTS_FILE), file).expect("write");
+    });
+    assert!(
+        e.contains("tensor `model.norm.weight` of shape [4] (F32) has data offsets [0, 8]"),
+        "{e}"
+    );
+    let e = refusal(|dir, _, _| {
+        let header =
+            br#"{"model.norm.weight":{"dtype":"F32","shape":[0],"data_offsets":[0,18446744073709551615]}}"#;
+        let mut file = u64::try_from(header.len())
+            .expect("small")
+            .to_le_bytes()
+            .to_vec();
+        file.extend_from_slice(header);
+        std::fs::write(dir.join(WEIGHTS_FILE), file).expect("write");
+    });
+    assert!(e.contains("has data offsets"), "{e}");
+
+    // A shard is a file of the checkpoint's directory.
+    for outside in [
+        "../model.safetensors",
+        "/etc/passwd",
+        "sub/model.safetensors",
+    ] {
+        let e = refusal(|dir, _, t| {
+            let map: serde_json::Map<_, _> = t
+                .iter()
+                .map(|(n, _, _)| (n.clone(), outside.into()))
+                .collect();
+            write_json(
+                &dir.join(INDEX_FILE),
+                &serde_json::json!({"weight_map": map}),
+            );
+        });
+        assert!(
+            e.contains(&format!(
+                "weight_map names `{outside}`, not a file of this directory"
+            )),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn save_writes_what_load_reads_back() {
     let dir = Dir::new("save");
     let cfg = ModelConfig {
