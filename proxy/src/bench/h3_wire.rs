@@ -13,6 +13,7 @@
 
 use anyhow::{Context as _, bail, ensure};
 use bytes::Bytes;
+use quinn_proto::{VarInt, coding::Codec as _};
 use std::net::SocketAddr;
 
 /// The largest answer read (a `max_tokens` 1 completion is a few hundred bytes).
@@ -319,35 +320,18 @@ fn take_prefixed(bytes: &[u8], prefix_bits: u32) -> Option<(u64, usize)> {
     None
 }
 
-/// A QUIC variable-length integer (RFC 9000 §16).
+/// A QUIC variable-length integer (RFC 9000 §16), quinn's coding of it.
 fn put_varint(out: &mut Vec<u8>, value: u64) {
-    if let Ok(v) = u8::try_from(value)
-        && v < 0x40
-    {
-        out.push(v);
-    } else if let Ok(v) = u16::try_from(value)
-        && v < 0x4000
-    {
-        out.extend_from_slice(&(0x4000 | v).to_be_bytes());
-    } else if let Ok(v) = u32::try_from(value)
-        && v < 0x4000_0000
-    {
-        out.extend_from_slice(&(0x8000_0000 | v).to_be_bytes());
-    } else {
-        out.extend_from_slice(&(0xc000_0000_0000_0000 | value).to_be_bytes());
-    }
+    VarInt::from_u64(value)
+        .expect("lengths and types far below 2^62")
+        .encode(out);
 }
 
 /// A QUIC variable-length integer and the bytes it took; `None` when truncated.
 fn take_varint(bytes: &[u8]) -> Option<(u64, usize)> {
-    let first = *bytes.first()?;
-    let len = 1usize << (first >> 6);
-    let raw = bytes.get(..len)?;
-    let mut value = u64::from(first & 0x3f);
-    for &b in &raw[1..] {
-        value = (value << 8) | u64::from(b);
-    }
-    Some((value, len))
+    let mut rest = bytes;
+    let value = VarInt::decode(&mut rest).ok()?;
+    Some((value.into_inner(), bytes.len() - rest.len()))
 }
 
 #[cfg(test)]
