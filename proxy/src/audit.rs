@@ -42,7 +42,7 @@ mod tail;
 mod writer;
 
 pub use self::{
-    ring::{AuditCounters, AuditSink, DurableError, SubmitError, Ticket},
+    ring::{AuditCounters, AuditSink, DurableError, NotTaken, SubmitError, Ticket},
     tail::{TailObserver, TailServer},
     writer::{AuditWriter, CommitObserver, Committed, WriterConfig},
 };

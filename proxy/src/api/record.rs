@@ -17,7 +17,9 @@
 //!   `audit_backlog`): the service degrades visibly, never the log.
 
 use crate::{
-    audit::{AuditCounters, AuditKeys, AuditSink, SubmitError, new_request_id, unix_now_ns},
+    audit::{
+        AuditCounters, AuditKeys, AuditSink, NotTaken, SubmitError, new_request_id, unix_now_ns,
+    },
     transport::{FlowTransport, Refusal, RefusalSink},
 };
 use bulkhead_core::{
@@ -198,13 +200,13 @@ impl AuditHook {
     async fn submit(&self, event: AuditEvent, wait: Duration) -> Result<(), SubmitError> {
         match self.sink.try_submit(event) {
             Ok(_) => Ok(()),
-            Err((SubmitError::Full { .. }, Some(event))) => {
+            Err(NotTaken::Full(event)) => {
                 let sink = self.sink.clone();
                 tokio::task::spawn_blocking(move || sink.submit(event, wait).map(|_| ()))
                     .await
                     .unwrap_or(Err(SubmitError::Closed))
             }
-            Err((e, _)) => Err(e),
+            Err(NotTaken::Closed) => Err(SubmitError::Closed),
         }
     }
 }
@@ -319,9 +321,7 @@ impl Drop for Record {
         let sink = self.hook.sink.clone();
         match sink.try_submit(event) {
             Ok(_) => {}
-            Err((SubmitError::Full { .. }, Some(event)))
-                if tokio::runtime::Handle::try_current().is_ok() =>
-            {
+            Err(NotTaken::Full(event)) if tokio::runtime::Handle::try_current().is_ok() => {
                 let pending = self.pending.take();
                 tokio::task::spawn_blocking(move || {
                     if let Err(err) = sink.submit(event, RECORD_WAIT) {
@@ -332,7 +332,13 @@ impl Drop for Record {
                     drop(pending);
                 });
             }
-            Err((err, _)) => {
+            Err(not_taken) => {
+                let err = match not_taken {
+                    NotTaken::Full(_) => SubmitError::Full {
+                        waited: Duration::ZERO,
+                    },
+                    NotTaken::Closed => SubmitError::Closed,
+                };
                 tracing::error!("the audit record of an abandoned request was not taken: {err}");
             }
         }

@@ -16,6 +16,19 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Ticket(pub u64);
 
+/// Why [`AuditSink::try_submit`] did not take an event.
+#[derive(Debug, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned, not stored: boxing would allocate on the full path for nothing"
+)]
+pub enum NotTaken {
+    /// The ring is full now: the event, to submit again with a wait.
+    Full(AuditEvent),
+    /// The writer has stopped.
+    Closed,
+}
+
 /// Why an event was not taken into the ring.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
@@ -160,30 +173,22 @@ impl AuditSink {
     }
 
     /// Puts `event` into the ring if there is room now. A full ring hands
-    /// it back with [`SubmitError::Full`] (for [`Self::submit`] to wait
-    /// with, off the async threads), so the caller need not keep a copy; it
-    /// is not counted as refused.
+    /// it back ([`NotTaken::Full`], for [`Self::submit`] to wait with, off
+    /// the async threads), so the caller need not keep a copy; it is not
+    /// counted as refused.
     #[expect(
         clippy::result_large_err,
         reason = "the event comes back by value so the common path never copies it"
     )]
-    pub fn try_submit(
-        &self,
-        event: AuditEvent,
-    ) -> Result<Ticket, (SubmitError, Option<AuditEvent>)> {
+    pub fn try_submit(&self, event: AuditEvent) -> Result<Ticket, NotTaken> {
         let s = &*self.shared;
         let st = lock(&s.state);
         if st.closed {
-            return Err((SubmitError::Closed, None));
+            return Err(NotTaken::Closed);
         }
         if st.queue.len() >= s.capacity {
             // Not a refusal yet: the caller submits it again, waiting.
-            return Err((
-                SubmitError::Full {
-                    waited: Duration::ZERO,
-                },
-                Some(event),
-            ));
+            return Err(NotTaken::Full(event));
         }
         Ok(Self::push(s, st, event))
     }
@@ -404,23 +409,19 @@ mod tests {
     fn try_submit_hands_back_what_a_full_ring_cannot_take_without_refusing_it() {
         let sink = AuditSink::new(1);
         assert_eq!(sink.try_submit(event()), Ok(Ticket(1)));
-        let (err, back) = sink.try_submit(event()).unwrap_err();
-        assert_eq!(
-            err,
-            SubmitError::Full {
-                waited: Duration::ZERO
-            }
-        );
-        assert_eq!(back, Some(event()));
+        let Err(NotTaken::Full(back)) = sink.try_submit(event()) else {
+            panic!("a full ring took the event");
+        };
+        assert_eq!(back, event());
         let c = sink.counters();
         assert_eq!((c.submitted, c.full_refusals, c.ring_depth), (1, 0, 1));
         // What came back is submitted again once there is room.
         let mut out = VecDeque::new();
         sink.shared()
             .take_batch(&mut out, 10, Duration::ZERO, Duration::ZERO);
-        assert_eq!(sink.submit(back.unwrap(), Duration::ZERO), Ok(Ticket(2)));
+        assert_eq!(sink.submit(back, Duration::ZERO), Ok(Ticket(2)));
         sink.shared().writer_stopped();
-        assert_eq!(sink.try_submit(event()), Err((SubmitError::Closed, None)));
+        assert_eq!(sink.try_submit(event()), Err(NotTaken::Closed));
     }
 
     #[test]
