@@ -10,6 +10,7 @@
 //! those characters, not the end of its turn; chat templates place special
 //! tokens by id ([`BpeTokenizer::special`]).
 
+use super::ModelConfig;
 use fancy_regex::Regex;
 use serde::Deserialize;
 use serde_json::Value;
@@ -21,10 +22,6 @@ use std::{
 
 /// The file a checkpoint directory keeps its tokenizer in.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
-
-/// The largest vocabulary a tokenizer may have (as `ModelConfig::validate`
-/// accepts): ids past it are refused before any table is sized by them.
-const MAX_VOCAB: usize = 1 << 22;
 
 /// Why a `tokenizer.json` cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -479,12 +476,14 @@ impl BpeTokenizer {
             .chain(file.added_tokens.iter().map(|t| &t.id))
             .max()
             .map_or(0, |&m| m as usize + 1);
-        if size > MAX_VOCAB {
+        // Ids past the largest vocabulary are refused before tables are sized by them.
+        if size > ModelConfig::MAX_VOCAB {
             return Err(invalid(
                 path,
                 format!(
-                    "token id {} is past the largest vocabulary accepted ({MAX_VOCAB})",
-                    size - 1
+                    "token id {} is past the largest vocabulary accepted ({})",
+                    size - 1,
+                    ModelConfig::MAX_VOCAB
                 ),
             ));
         }

@@ -414,17 +414,19 @@ fn header(path: &Path, into: &mut BTreeMap<String, Entry>) -> Result<(), Checkpo
                 "tensor `{name}` lacks a dtype, a shape or data offsets"
             )));
         };
-        // As the loader will read it: its bytes are its shape's elements.
-        let elements = shape
-            .iter()
-            .try_fold(1u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?));
-        let width = match dtype {
-            "F32" => Some(4),
-            "F16" | "BF16" => Some(2),
-            _ => None,
-        };
-        if let (Some(width), Some(elements)) = (width, elements)
-            && (start > stop || elements.checked_mul(width) != Some(stop - start))
+        // As the loader will read it: its bytes are its shape's elements (a
+        // dtype safetensors does not know is refused by name below).
+        let bits = serde_json::from_value::<Dtype>(dtype.into())
+            .ok()
+            .and_then(|d| {
+                shape
+                    .iter()
+                    .try_fold(u64::try_from(d.bitsize()).ok()?, |n, &x| {
+                        n.checked_mul(u64::try_from(x).ok()?)
+                    })
+            });
+        if let Some(bits) = bits
+            && (start > stop || (stop - start).checked_mul(8) != Some(bits))
         {
             return Err(invalid(format!(
                 "tensor `{name}` of shape {shape:?} ({dtype}) has data offsets [{start}, {stop}]"

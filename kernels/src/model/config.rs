@@ -98,6 +98,9 @@ pub enum ModelConfigError {
 }
 
 impl ModelConfig {
+    /// The largest vocabulary accepted (a tokenizer's ids are held to it too).
+    pub const MAX_VOCAB: usize = 1 << 22;
+
     /// The built-in model: byte-level vocabulary, 4 layers of width 256, GQA 8:2.
     pub fn tiny() -> Self {
         Self {
@@ -141,7 +144,7 @@ impl ModelConfig {
         // Bounds far past any Llama-family model, so that shapes built from
         // a config file (heads x head_dim, one name per layer) stay small.
         for (field, value, max) in [
-            ("vocab", self.vocab, 1 << 22),
+            ("vocab", self.vocab, Self::MAX_VOCAB),
             ("hidden", self.hidden, 1 << 16),
             ("layers", self.layers, 1 << 10),
             ("heads", self.heads, 1 << 10),
