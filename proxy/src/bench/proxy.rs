@@ -320,10 +320,12 @@ async fn h3_throughput(
     let h3 = clients
         .spawn(async move { H3Client::connect_with(quic_client(tls, server)?, server).await })
         .await??;
+    // Built once: the load generator's own JSON is not the proxy's cost.
+    let payload = body();
     let rps = throughput(time, |window| {
         let mut send = h3.send.clone();
         let request = h3.request("/v1/chat/completions");
-        let payload = body();
+        let payload = payload.clone();
         clients.spawn(async move {
             while window.open() {
                 let ok = async {
