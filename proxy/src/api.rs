@@ -1235,7 +1235,7 @@ fn sse(value: &Value) -> Bytes {
 
 impl Handler for App {
     async fn handle(&self, req: ApiRequest) -> ApiResponse {
-        crate::serve::busy_poll::activity();
+        crate::serve::busy_poll::activity(crate::serve::busy_poll::Activity::Request);
         let arrived = Instant::now();
         let route = (req.method.clone(), req.path.clone());
         let result = match (&route.0, route.1.as_str()) {

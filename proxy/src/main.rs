@@ -68,11 +68,18 @@ enum Command {
         /// docs/benchmarks.md, "bench proxy".
         #[arg(long)]
         runtime_threads: Option<std::num::NonZeroUsize>,
-        /// Busy polling: after work, the runtime's threads keep polling
-        /// their sockets this many microseconds before they sleep (0: off).
-        /// Lowers latency by the cost of a wake-up, at the price of a core
-        /// spinning while requests keep coming. See docs/benchmarks.md.
-        #[arg(long, default_value_t = 0)]
+        /// Busy polling: after a request or a worker's message, the
+        /// runtime's threads keep polling their sockets up to this many
+        /// microseconds before they sleep, adaptively (the window grows
+        /// while activity comes within it, halves when none comes within
+        /// the limit), so it polls only while activity is that dense; 0:
+        /// off. Saves a sleeping thread's wake-up on each hand-off, at the
+        /// price of the CPU it polls with. See docs/benchmarks.md.
+        #[arg(
+            long,
+            default_value_t = bulkhead::serve::busy_poll::DEFAULT_LIMIT_US,
+            value_parser = clap::value_parser!(u64).range(0..=bulkhead::serve::busy_poll::MAX_LIMIT_US)
+        )]
         busy_poll_us: u64,
     },
     /// Reload the tenants and TLS files of a running `serve` through its
@@ -141,9 +148,13 @@ enum BenchCommand {
         /// default: as `serve`'s).
         #[arg(long)]
         proxy_threads: Option<std::num::NonZeroUsize>,
-        /// The busy-poll window (as `serve --busy-poll-us`) of the latency
-        /// part's busy-polling rounds; the rest runs without, as `serve`'s default.
-        #[arg(long, default_value_t = bulkhead::bench::proxy::DEFAULT_BUSY_POLL_US)]
+        /// The proxy's busy-poll limit (as `serve --busy-poll-us`, and its
+        /// default); the latency part also measures rounds without.
+        #[arg(
+            long,
+            default_value_t = bulkhead::serve::busy_poll::DEFAULT_LIMIT_US,
+            value_parser = clap::value_parser!(u64).range(0..=bulkhead::serve::busy_poll::MAX_LIMIT_US)
+        )]
         busy_poll_us: u64,
     },
     /// An open-loop load generator over HTTP/3 with mTLS: per-tenant rates,
@@ -383,7 +394,7 @@ fn run_serve(
 ) -> anyhow::Result<String> {
     let threads = threads.map_or_else(serve::runtime_threads_here, std::num::NonZero::get);
     let poll = serve::busy_poll::process();
-    poll.set_window(busy_poll);
+    poll.set_limit(busy_poll);
     let runtime = serve::busy_poll::runtime(threads, poll).context("starting the async runtime")?;
     runtime.block_on(serve::run(opts))?;
     Ok(String::new())

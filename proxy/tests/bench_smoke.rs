@@ -33,7 +33,7 @@ fn proxy_bench_prints_its_table() {
         seconds: 1,
         program: Some(program()),
         proxy_threads: std::num::NonZeroUsize::new(1),
-        busy_poll: std::time::Duration::from_micros(proxy::DEFAULT_BUSY_POLL_US),
+        busy_poll: std::time::Duration::from_micros(bulkhead::serve::busy_poll::DEFAULT_LIMIT_US),
     })
     .unwrap();
     assert!(table.contains("the proxy's 1,"), "{table}");
@@ -44,7 +44,10 @@ fn proxy_bench_prints_its_table() {
         "requests/s the proxy's CPU per request allows",
         "the h3 crate's client: requests/s, its CPU per request",
         "added latency p50",
-        "with busy polling, a 200 µs window (serve --busy-poll-us 200)",
+        "busy polling as serve's default, adaptive up to 200 µs (serve --busy-poll-us 200)",
+        "busy polling off (serve --busy-poll-us 0)",
+        "ms after each (sparser than the limit)",
+        "the proxy's CPU per request (not its worker's)",
         "handshakes/s, TLS/TCP",
         "handshakes/s, QUIC",
     ] {

@@ -107,6 +107,43 @@ impl CpuSnapshot {
     }
 }
 
+/// How long this process's threads but those named `client_thread` have
+/// run so far, from each thread's `/proc/self/task/TID/schedstat`, which
+/// counts nanoseconds where `stat` counts clock ticks: the proxy's CPU over
+/// windows of a few milliseconds. A thread that exits takes its time with it.
+pub(crate) fn proxy_run_time(client_thread: &str) -> anyhow::Result<Duration> {
+    threads_run_time(|name| name != client_thread)
+}
+
+/// How long this process's threads whose names `count` have run so far.
+fn threads_run_time(count: impl Fn(&str) -> bool) -> anyhow::Result<Duration> {
+    let mut ns = 0u64;
+    for entry in std::fs::read_dir("/proc/self/task")
+        .context("listing this process's threads")?
+        .flatten()
+    {
+        let path = entry.path();
+        // A thread may exit between the listing and the reads: skip it.
+        let (Ok(stat), Ok(schedstat)) = (
+            std::fs::read_to_string(path.join("stat")),
+            std::fs::read_to_string(path.join("schedstat")),
+        ) else {
+            continue;
+        };
+        if !command(&stat).is_some_and(&count) {
+            continue;
+        }
+        ns += run_ns(&schedstat)
+            .with_context(|| format!("parsing {}", path.join("schedstat").display()))?;
+    }
+    Ok(Duration::from_nanos(ns))
+}
+
+/// The time on a CPU (the first field, nanoseconds) of a `schedstat` line.
+fn run_ns(schedstat: &str) -> Option<u64> {
+    schedstat.split_whitespace().next()?.parse().ok()
+}
+
 /// The busy ticks of `/proc/stat`'s `cpu` line: user, nice, system, irq
 /// and softirq (not idle, iowait or steal; guest time is inside user).
 fn machine_busy(stat: &str) -> Option<u64> {
@@ -170,6 +207,34 @@ mod tests {
         let b = CpuSnapshot::take("no-such-thread").expect("reading /proc");
         assert!(b.own >= a.own && b.machine_busy >= a.machine_busy);
         assert_eq!((a.client, b.client), (0, 0));
+    }
+
+    #[test]
+    fn run_time_is_schedstat_s_first_field_and_ours_moves_forward() {
+        assert_eq!(run_ns("267407059 434344 23\n"), Some(267_407_059));
+        assert_eq!(run_ns(""), None);
+        assert_eq!(run_ns("x 1 2"), None);
+        // A thread of its own, read while it runs: the harness's other
+        // threads come and go.
+        let spinner = std::thread::Builder::new()
+            .name("cpu-test-spin".to_owned())
+            .spawn(|| {
+                let mine = || threads_run_time(|name| name == "cpu-test-spin").unwrap();
+                let a = mine();
+                // 50 ms of work: a running thread's time is brought up to
+                // date at least every scheduler tick.
+                let start = std::time::Instant::now();
+                let mut x = 0u64;
+                while start.elapsed() < Duration::from_millis(50) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+                }
+                (a, mine())
+            })
+            .unwrap();
+        let (a, b) = spinner.join().unwrap();
+        assert!(b >= a + Duration::from_millis(20), "{a:?} then {b:?}");
+        // The bench's reading counts this thread and more.
+        assert!(proxy_run_time("no-such-thread").unwrap() > Duration::ZERO);
     }
 
     #[test]

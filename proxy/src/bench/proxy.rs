@@ -11,8 +11,10 @@
 //! - the latency the proxy adds: the same request through the proxy, one
 //!   at a time, minus a direct [`WorkerLink`] Submit → Finished round trip
 //!   to a second, identical worker process; in interleaved rounds with the
-//!   proxy runtime's busy polling off (`serve`'s default) and on
-//!   ([`crate::serve::busy_poll`], the window of `--busy-poll-us`);
+//!   proxy runtime's busy polling as `serve`'s default
+//!   ([`crate::serve::busy_poll`], adaptive up to the limit of
+//!   `--busy-poll-us`) and off, back to back and spaced a millisecond
+//!   apart (sparser than the limit), with the proxy's CPU per request in each;
 //! - full mutual-TLS handshakes per second (no resumption, a new
 //!   connection each) on the TLS/TCP and the QUIC listener, 2 connectors each.
 //!
@@ -27,7 +29,7 @@
 
 use super::{
     Front, FrontOptions, H3Client, TempDir, clone_request,
-    cpu::{CpuSnapshot, CpuUse},
+    cpu::{CpuSnapshot, CpuUse, proxy_run_time},
     drain, float,
     h3_wire::{WireClient, WireRequest},
     post, quic_client, sim_worker_args, us, verdict,
@@ -36,7 +38,7 @@ use crate::{
     dispatch::QueuePolicy,
     serve::{
         self,
-        busy_poll::{self, BusyPoll},
+        busy_poll::{self, Activity, BusyPoll},
         cores,
     },
     tls::{QUIC_ALPN, TCP_ALPN},
@@ -79,13 +81,10 @@ pub struct ProxyOptions {
     pub program: Option<PathBuf>,
     /// Threads of the proxy's runtime; `None`: as `serve`'s default.
     pub proxy_threads: Option<std::num::NonZeroUsize>,
-    /// The busy-poll window of the latency part's busy-polling rounds (the
-    /// throughput part and the other rounds run without, as `serve`'s default).
+    /// The proxy's busy-poll limit, as `serve --busy-poll-us` (the latency
+    /// part measures rounds without too).
     pub busy_poll: Duration,
 }
-
-/// The busy-poll window (µs) `bench proxy` measures unless told otherwise.
-pub const DEFAULT_BUSY_POLL_US: u64 = 200;
 
 /// The name of the load generator's runtime threads.
 const CLIENT_THREAD: &str = "bench-client";
@@ -97,7 +96,7 @@ pub fn run(opts: &ProxyOptions) -> anyhow::Result<String> {
         .map_or_else(serve::runtime_threads_here, std::num::NonZero::get);
     // The process's busy poll: the one the API's and dispatcher's activity feeds.
     let poll = Arc::clone(busy_poll::process());
-    poll.set_window(Duration::ZERO);
+    poll.set_limit(opts.busy_poll);
     let rt = busy_poll::runtime(threads, &poll).context("starting the proxy's runtime")?;
     let clients = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -123,25 +122,72 @@ fn body() -> Bytes {
 }
 
 struct Latency {
-    /// Busy polling off.
-    plain: ThroughProxy,
-    /// Busy polling on.
+    /// Busy polling as `serve`'s, back to back.
     polled: ThroughProxy,
+    /// Busy polling off, back to back.
+    plain: ThroughProxy,
+    /// Busy polling as `serve`'s, a completion alone every [`SPACED`] or so.
+    spaced_polled: ThroughProxy,
+    /// Busy polling off, a completion alone every [`SPACED`] or so.
+    spaced_plain: ThroughProxy,
     direct: Vec<Duration>,
+    /// The busy-poll windows at the end of the back-to-back polling rounds.
+    windows: Windows,
+    /// The same at the end of the spaced polling rounds.
+    spaced_windows: Windows,
 }
 
-/// One-at-a-time requests through the proxy, sorted.
+/// How long the busy poll polls after a request, and after a worker's message.
+#[derive(Clone, Copy, Default)]
+struct Windows([Duration; 2]);
+
+impl Windows {
+    fn of(poll: &BusyPoll) -> Self {
+        Self([Activity::Request, Activity::Worker].map(|kind| poll.window(kind)))
+    }
+}
+
+impl std::fmt::Display for Windows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [request, worker] = self.0;
+        write!(
+            f,
+            "polling at the end: {} after a request, {} after a worker's message",
+            us(request),
+            us(worker)
+        )
+    }
+}
+
+/// The pause after each request of the spaced rounds.
+const SPACED: Duration = Duration::from_millis(1);
+
+/// One-at-a-time requests through the proxy, sorted, and the CPU the proxy
+/// (this process but the clients' threads) spent over them.
 #[derive(Default)]
 struct ThroughProxy {
     completions: Vec<Duration>,
     /// `GET /healthz` through the proxy: HTTP/3 and the handler, no dispatch.
     floor: Vec<Duration>,
+    cpu: Duration,
 }
 
 impl ThroughProxy {
     fn sort(&mut self) {
         self.completions.sort_unstable();
         self.floor.sort_unstable();
+    }
+
+    fn extend(&mut self, round: Self) {
+        self.completions.extend(round.completions);
+        self.floor.extend(round.floor);
+        self.cpu += round.cpu;
+    }
+
+    /// The proxy's CPU per request (completions and `GET /healthz` alike).
+    fn cpu_per_request(&self) -> Duration {
+        let n = self.completions.len() + self.floor.len();
+        self.cpu / u32::try_from(n.max(1)).unwrap_or(u32::MAX)
     }
 }
 
@@ -219,11 +265,11 @@ async fn measure(
     // The one-at-a-time client runs as a task of the clients' runtime too.
     let latency = {
         let client = Arc::clone(&wire);
-        let window = opts.busy_poll;
+        let limit = opts.busy_poll;
         let requests = [completion, WireRequest::get(&authority, "/healthz")];
         clients
             .spawn(async move {
-                added_latency(&client, &requests, link, latency_time, &poll, window).await
+                added_latency(&client, &requests, link, latency_time, &poll, limit).await
             })
             .await??
     };
@@ -344,42 +390,63 @@ async fn h3_throughput(
     Ok(rps)
 }
 
-/// The same request through the proxy (busy polling off, then on) and
-/// directly to a worker, one at a time, interleaved in rounds so drift hits
-/// all alike. `poll` is the proxy runtime's busy poll, `window` that of its
-/// busy-polling rounds.
+/// The same request through the proxy (busy polling as `serve`'s, then
+/// off; back to back, then spaced) and directly to a worker, one at a time,
+/// interleaved in rounds so drift hits all alike. `poll` is the proxy
+/// runtime's busy poll, `limit` its limit in the polling rounds.
 async fn added_latency(
     client: &WireClient,
     [completion, health]: &[WireRequest; 2],
     mut link: WorkerLink,
     time: Duration,
     poll: &BusyPoll,
-    window: Duration,
+    limit: Duration,
 ) -> anyhow::Result<Latency> {
     const ROUND: usize = 50;
+    const SPACED_ROUND: usize = 20;
     let tokenizer = ByteTokenizer::new(&ModelConfig::tiny());
     // The chat template of the built-in model, as the API renders it.
     let prompt = tokenizer.encode(&format!("<|user|>\n{CONTENT}\n<|assistant|>\n"));
     let tenant = super::tenant(TENANT);
     let mut out = Latency {
-        plain: ThroughProxy::default(),
         polled: ThroughProxy::default(),
+        plain: ThroughProxy::default(),
+        spaced_polled: ThroughProxy::default(),
+        spaced_plain: ThroughProxy::default(),
         direct: Vec::new(),
+        windows: Windows::default(),
+        spaced_windows: Windows::default(),
     };
+    // Back to back for three quarters of the time, then spaced: spaced
+    // rounds between back-to-back ones changed how this VM's scheduler
+    // placed the threads in those, and with it their latency (by up to
+    // 60 µs, polling or not; docs/benchmarks.md), so they run apart.
+    let spaced_from = Instant::now() + time.mul_f64(0.75);
     let end = Instant::now() + time;
     let mut next_id: u128 = 1;
     // One warm-up round each, not counted.
     let mut counted = false;
-    while Instant::now() < end || !counted {
-        for (on, into) in [(false, &mut out.plain), (true, &mut out.polled)] {
-            poll.set_window(if on { window } else { Duration::ZERO });
-            let round = through_proxy(client, completion, health, ROUND).await?;
+    let mut polled_first = true;
+    while Instant::now() < spaced_from || !counted {
+        let [first, second] = if polled_first {
+            [(true, &mut out.polled), (false, &mut out.plain)]
+        } else {
+            [(false, &mut out.plain), (true, &mut out.polled)]
+        };
+        // Each first in every other round, so neither always follows the direct round.
+        polled_first = !polled_first;
+        for (on, into) in [first, second] {
+            poll.set_limit(if on { limit } else { Duration::ZERO });
+            let round =
+                through_proxy(client, completion, Some(health), ROUND, Duration::ZERO).await?;
+            if on {
+                out.windows = Windows::of(poll);
+            }
             if counted {
-                into.completions.extend(round.completions);
-                into.floor.extend(round.floor);
+                into.extend(round);
             }
         }
-        poll.set_window(Duration::ZERO);
+        poll.set_limit(Duration::ZERO);
         let submits: Vec<Submit> = (0..ROUND)
             .map(|_| {
                 next_id += 1;
@@ -399,53 +466,93 @@ async fn added_latency(
                 }
             })
             .collect();
-        let (back, times) = tokio::task::spawn_blocking(move || {
-            let mut times = Vec::with_capacity(submits.len());
-            for submit in submits {
-                let id = submit.request_id;
-                let t0 = std::time::Instant::now();
-                link.send(&ProxyToWorker::Submit(submit))?;
-                loop {
-                    match link.recv_timeout(Duration::from_secs(10))? {
-                        WorkerToProxy::Finished(f) if f.request_id == id => break,
-                        _ => {}
-                    }
-                }
-                times.push(t0.elapsed());
-            }
-            anyhow::Ok((link, times))
-        })
-        .await??;
+        let (back, times) = direct_round(link, submits).await?;
         link = back;
         if counted {
             out.direct.extend(times);
         }
         counted = true;
     }
-    out.plain.sort();
-    out.polled.sort();
+    let mut spaced_rounds = 0;
+    while Instant::now() < end || spaced_rounds < 2 {
+        let on = spaced_rounds % 2 == 0;
+        poll.set_limit(if on { limit } else { Duration::ZERO });
+        let round = through_proxy(client, completion, None, SPACED_ROUND, SPACED).await?;
+        if on {
+            out.spaced_polled.extend(round);
+            out.spaced_windows = Windows::of(poll);
+        } else {
+            out.spaced_plain.extend(round);
+        }
+        spaced_rounds += 1;
+    }
+    poll.set_limit(limit);
+    for through in [
+        &mut out.polled,
+        &mut out.plain,
+        &mut out.spaced_polled,
+        &mut out.spaced_plain,
+    ] {
+        through.sort();
+    }
     out.direct.sort_unstable();
     Ok(out)
 }
 
-/// `n` completions and `n` `GET /healthz`, alternating, one at a time.
+/// `submits` one at a time, directly to a worker over `link` (on a
+/// blocking thread, as the worker link is); the link back and each one's
+/// Submit -> Finished time.
+async fn direct_round(
+    mut link: WorkerLink,
+    submits: Vec<Submit>,
+) -> anyhow::Result<(WorkerLink, Vec<Duration>)> {
+    tokio::task::spawn_blocking(move || {
+        let mut times = Vec::with_capacity(submits.len());
+        for submit in submits {
+            let id = submit.request_id;
+            let t0 = std::time::Instant::now();
+            link.send(&ProxyToWorker::Submit(submit))?;
+            loop {
+                match link.recv_timeout(Duration::from_secs(10))? {
+                    WorkerToProxy::Finished(f) if f.request_id == id => break,
+                    _ => {}
+                }
+            }
+            times.push(t0.elapsed());
+        }
+        anyhow::Ok((link, times))
+    })
+    .await?
+}
+
+/// `n` completions, one at a time, each followed by a `GET /healthz` if
+/// `health` is given, and `pause` after each completion (none: back to
+/// back); and the proxy's CPU over them.
 async fn through_proxy(
     client: &WireClient,
     completion: &WireRequest,
-    health: &WireRequest,
+    health: Option<&WireRequest>,
     n: usize,
+    pause: Duration,
 ) -> anyhow::Result<ThroughProxy> {
     let mut out = ThroughProxy::default();
+    let before = proxy_run_time(CLIENT_THREAD)?;
     for _ in 0..n {
         let t0 = Instant::now();
         let answer = client.send(completion).await?;
         out.completions.push(t0.elapsed());
         anyhow::ensure!(answer.status == 200, "status {}", answer.status);
-        let t0 = Instant::now();
-        let answer = client.send(health).await?;
-        out.floor.push(t0.elapsed());
-        anyhow::ensure!(answer.status == 200, "healthz status {}", answer.status);
+        if let Some(health) = health {
+            let t0 = Instant::now();
+            let answer = client.send(health).await?;
+            out.floor.push(t0.elapsed());
+            anyhow::ensure!(answer.status == 200, "healthz status {}", answer.status);
+        }
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
     }
+    out.cpu = proxy_run_time(CLIENT_THREAD)?.saturating_sub(before);
     Ok(out)
 }
 
@@ -556,6 +663,58 @@ fn latency_rows(out: &mut String, through: &ThroughProxy, direct: &[Duration]) {
         &us(p(&through.floor, 50.0)),
         &us(p(&through.floor, 99.0)),
     );
+    row(
+        out,
+        "  the proxy's CPU per request (not its worker's)",
+        &us(through.cpu_per_request()),
+        "-",
+    );
+}
+
+/// The one-at-a-time part of the report: busy polling limited to `limit`
+/// (`serve`'s default unless told otherwise), off, and spaced.
+fn latency_report(out: &mut String, limit: Duration, latency: &Latency) {
+    let _ = writeln!(
+        out,
+        "one at a time, busy polling as serve's default{}:\n  ({})",
+        if limit.is_zero() {
+            " here, off (--busy-poll-us 0)".to_owned()
+        } else {
+            format!(
+                ", adaptive up to {} µs (serve --busy-poll-us {0})",
+                limit.as_micros()
+            )
+        },
+        latency.windows,
+    );
+    latency_rows(out, &latency.polled, &latency.direct);
+    let _ = writeln!(
+        out,
+        "one at a time, busy polling off (serve --busy-poll-us 0), in rounds between those above:"
+    );
+    latency_rows(out, &latency.plain, &latency.direct);
+    let p50 = |t: &ThroughProxy| us(super::percentile(&t.completions, 50.0));
+    let _ = writeln!(
+        out,
+        "one at a time, completions alone, {} ms after each (sparser than the limit), busy polling as above / off:\n  ({})",
+        SPACED.as_millis(),
+        latency.spaced_windows,
+    );
+    row(
+        out,
+        &format!(
+            "  through the proxy p50 ({} requests each)",
+            latency.spaced_polled.completions.len()
+        ),
+        &p50(&latency.spaced_polled),
+        &p50(&latency.spaced_plain),
+    );
+    row(
+        out,
+        "  the proxy's CPU per request (not its worker's)",
+        &us(latency.spaced_polled.cpu_per_request()),
+        &us(latency.spaced_plain.cpu_per_request()),
+    );
 }
 
 /// A row of a measure with a goal, and its verdict.
@@ -635,13 +794,7 @@ fn report(
         &format!("{:.0}", h3.rate),
         &h3_per_request,
     );
-    latency_rows(&mut out, &latency.plain, &latency.direct);
-    let _ = writeln!(
-        out,
-        "with busy polling, a {} µs window (serve --busy-poll-us {0}), in rounds between those above:",
-        opts.busy_poll.as_micros()
-    );
-    latency_rows(&mut out, &latency.polled, &latency.direct);
+    latency_report(&mut out, opts.busy_poll, latency);
     for (listener, rate) in [("TLS/TCP", tcp), ("QUIC", quic)] {
         row(
             &mut out,

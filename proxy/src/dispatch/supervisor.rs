@@ -93,7 +93,7 @@ async fn session(shared: &Arc<Shared>, index: usize, spec: &WorkerSpec) -> Resul
             read = reader.read(&mut buf) => match read {
                 Ok(0) => return Ok("its socket closed".to_owned()),
                 Ok(n) => {
-                    crate::serve::busy_poll::activity();
+                    crate::serve::busy_poll::activity(crate::serve::busy_poll::Activity::Worker);
                     decoder.push(&buf[..n]);
                     drain(shared, index, &mut decoder)?;
                 }
