@@ -13,7 +13,7 @@
 
 use super::{
     Front, FrontOptions, H3Client, Rng, clone_request, drain, float, ms, next_chunk, percentile,
-    post, runtime, sim_worker_args, verdict,
+    post, sim_worker_args, verdict,
 };
 use crate::dispatch::QueuePolicy;
 use bytes::Bytes;
@@ -100,7 +100,14 @@ pub fn run(opts: &FairnessOptions) -> anyhow::Result<String> {
     let mut results = Vec::new();
     for (label, with_b, policy) in runs {
         tracing::info!("bench fairness: run `{label}` ({} s)", window.as_secs());
-        let rt = runtime()?;
+        // Busy polling as `serve`'s default, on the runtime the proxy shares
+        // with the clients here.
+        let poll = crate::serve::busy_poll::process();
+        poll.set_limit(Duration::from_micros(
+            crate::serve::busy_poll::DEFAULT_LIMIT_US,
+        ));
+        let rt = crate::serve::busy_poll::runtime(2, poll)
+            .map_err(|e| anyhow::anyhow!("starting the async runtime: {e}"))?;
         let b = if with_b { &b_arrivals[..] } else { &[][..] };
         let result = rt.block_on(one_run(opts, policy, window, &a_arrivals, b));
         // Dropping the runtime drops the supervisor, which kills the worker.
