@@ -13,8 +13,9 @@
 //!   to a second, identical worker process; in interleaved rounds with the
 //!   proxy runtime's busy polling as `serve`'s default
 //!   ([`crate::serve::busy_poll`], adaptive up to the limit of
-//!   `--busy-poll-us`) and off, back to back and spaced a millisecond
-//!   apart (sparser than the limit), with the proxy's CPU per request in each;
+//!   `--busy-poll-us`) and off, back to back; then, in a phase of their
+//!   own, completions a millisecond apart (sparser than the limit), both
+//!   ways; with the proxy's CPU per request in each;
 //! - full mutual-TLS handshakes per second (no resumption, a new
 //!   connection each) on the TLS/TCP and the QUIC listener, 2 connectors each.
 //!
