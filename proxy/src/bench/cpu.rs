@@ -45,13 +45,7 @@ impl CpuSnapshot {
             .map(|(_, ticks)| ticks)
             .context("reading this process's /proc stat")?;
         let mut client = 0;
-        for entry in std::fs::read_dir(format!("/proc/{me}/task"))
-            .context("listing this process's threads")?
-            .flatten()
-        {
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
+        for (_, stat) in own_threads()? {
             if command(&stat) == Some(client_thread)
                 && let Some((_, ticks)) = process_ticks(&stat)
             {
@@ -118,25 +112,31 @@ pub(crate) fn proxy_run_time(client_thread: &str) -> anyhow::Result<Duration> {
 /// How long this process's threads whose names `count` have run so far.
 fn threads_run_time(count: impl Fn(&str) -> bool) -> anyhow::Result<Duration> {
     let mut ns = 0u64;
-    for entry in std::fs::read_dir("/proc/self/task")
-        .context("listing this process's threads")?
-        .flatten()
-    {
-        let path = entry.path();
-        // A thread may exit between the listing and the reads: skip it.
-        let (Ok(stat), Ok(schedstat)) = (
-            std::fs::read_to_string(path.join("stat")),
-            std::fs::read_to_string(path.join("schedstat")),
-        ) else {
-            continue;
-        };
+    for (dir, stat) in own_threads()? {
         if !command(&stat).is_some_and(&count) {
             continue;
         }
-        ns += run_ns(&schedstat)
-            .with_context(|| format!("parsing {}", path.join("schedstat").display()))?;
+        let path = dir.join("schedstat");
+        // A thread may exit between the listing and the reads: skip it.
+        let Ok(schedstat) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        ns += run_ns(&schedstat).with_context(|| format!("parsing {}", path.display()))?;
     }
     Ok(Duration::from_nanos(ns))
+}
+
+/// This process's threads: each one's `/proc/self/task/TID` and its `stat`
+/// line. A thread that exits between the listing and the read is left out.
+fn own_threads() -> anyhow::Result<impl Iterator<Item = (std::path::PathBuf, String)>> {
+    Ok(std::fs::read_dir("/proc/self/task")
+        .context("listing this process's threads")?
+        .flatten()
+        .filter_map(|entry| {
+            let dir = entry.path();
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            Some((dir, stat))
+        }))
 }
 
 /// The time on a CPU (the first field, nanoseconds) of a `schedstat` line.

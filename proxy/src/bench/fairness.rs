@@ -16,6 +16,7 @@ use super::{
     post, sim_worker_args, verdict,
 };
 use crate::dispatch::QueuePolicy;
+use anyhow::Context as _;
 use bytes::Bytes;
 use std::{
     fmt::Write as _,
@@ -106,8 +107,7 @@ pub fn run(opts: &FairnessOptions) -> anyhow::Result<String> {
         poll.set_limit(Duration::from_micros(
             crate::serve::busy_poll::DEFAULT_LIMIT_US,
         ));
-        let rt = crate::serve::busy_poll::runtime(2, poll)
-            .map_err(|e| anyhow::anyhow!("starting the async runtime: {e}"))?;
+        let rt = crate::serve::busy_poll::runtime(2, poll).context("starting the async runtime")?;
         let b = if with_b { &b_arrivals[..] } else { &[][..] };
         let result = rt.block_on(one_run(opts, policy, window, &a_arrivals, b));
         // Dropping the runtime drops the supervisor, which kills the worker.

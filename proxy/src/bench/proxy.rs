@@ -187,8 +187,7 @@ impl ThroughProxy {
 
     /// The proxy's CPU per request (completions and `GET /healthz` alike).
     fn cpu_per_request(&self) -> Duration {
-        let n = self.completions.len() + self.floor.len();
-        self.cpu / u32::try_from(n.max(1)).unwrap_or(u32::MAX)
+        per_request(self.cpu, self.completions.len() + self.floor.len())
     }
 }
 
@@ -429,14 +428,13 @@ async fn added_latency(
     let mut counted = false;
     let mut polled_first = true;
     while Instant::now() < spaced_from || !counted {
-        let [first, second] = if polled_first {
-            [(true, &mut out.polled), (false, &mut out.plain)]
-        } else {
-            [(false, &mut out.plain), (true, &mut out.polled)]
-        };
+        let mut order = [(true, &mut out.polled), (false, &mut out.plain)];
         // Each first in every other round, so neither always follows the direct round.
+        if !polled_first {
+            order.reverse();
+        }
         polled_first = !polled_first;
-        for (on, into) in [first, second] {
+        for (on, into) in order {
             poll.set_limit(if on { limit } else { Duration::ZERO });
             let round =
                 through_proxy(client, completion, Some(health), ROUND, Duration::ZERO).await?;
@@ -616,6 +614,11 @@ async fn quic_handshakes(front: &Front, clients: &Handle, time: Duration) -> any
     Ok(float(total) / start.elapsed().as_secs_f64())
 }
 
+/// `spent` over `done` requests, each's share (all of it when none were done).
+fn per_request(spent: Duration, done: usize) -> Duration {
+    spent / u32::try_from(done.max(1)).unwrap_or(u32::MAX)
+}
+
 /// Requests per second that `cores` fully busy would serve at the CPU
 /// per request measured (`spent` over `done` requests); zero when nothing was measured.
 fn capacity(spent: Duration, done: usize, cores: usize) -> f64 {
@@ -760,27 +763,26 @@ fn report(
         &format!(">= {GOAL_RPS:.0}"),
         rps >= GOAL_RPS,
     );
-    let per_request =
-        |d: Duration| us(d / u32::try_from(throughput.done.max(1)).unwrap_or(u32::MAX));
+    let each = |d: Duration| us(per_request(d, throughput.done));
     let cpu = throughput.cpu;
     let proxy = cpu.proxy + cpu.children;
     row(
         &mut out,
         "  CPU per request: the proxy (runtime, audit, worker)",
-        &per_request(proxy),
+        &each(proxy),
         "-",
     );
     row(
         &mut out,
         "    of which its worker process",
-        &per_request(cpu.children),
+        &each(cpu.children),
         "-",
     );
     row(
         &mut out,
         "  CPU per request: the load generator / the whole machine",
-        &per_request(cpu.client),
-        &per_request(cpu.machine),
+        &each(cpu.client),
+        &each(cpu.machine),
     );
     row(
         &mut out,
@@ -788,7 +790,7 @@ fn report(
         &format!("{:.0}", capacity(proxy, throughput.done, cores)),
         "-",
     );
-    let h3_per_request = us(h3.cpu.client / u32::try_from(h3.done.max(1)).unwrap_or(u32::MAX));
+    let h3_per_request = us(per_request(h3.cpu.client, h3.done));
     row(
         &mut out,
         "  the h3 crate's client: requests/s, its CPU per request",
