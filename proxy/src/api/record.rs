@@ -333,12 +333,7 @@ impl Drop for Record {
                 });
             }
             Err(not_taken) => {
-                let err = match not_taken {
-                    NotTaken::Full(_) => SubmitError::Full {
-                        waited: Duration::ZERO,
-                    },
-                    NotTaken::Closed => SubmitError::Closed,
-                };
+                let err = SubmitError::from(not_taken);
                 tracing::error!("the audit record of an abandoned request was not taken: {err}");
             }
         }

@@ -29,6 +29,18 @@ pub enum NotTaken {
     Closed,
 }
 
+impl From<NotTaken> for SubmitError {
+    /// A try that found the ring full waited for nothing.
+    fn from(not_taken: NotTaken) -> Self {
+        match not_taken {
+            NotTaken::Full(_) => Self::Full {
+                waited: Duration::ZERO,
+            },
+            NotTaken::Closed => Self::Closed,
+        }
+    }
+}
+
 /// Why an event was not taken into the ring.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {

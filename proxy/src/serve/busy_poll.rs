@@ -60,13 +60,22 @@ pub enum Activity {
 }
 
 impl Activity {
-    const ALL: [Self; 2] = [Self::Request, Self::Worker];
-
+    /// Its index among the learned states, and its bit in [`BusyPoll`]'s `last`.
     fn index(self) -> usize {
         match self {
             Self::Request => 0,
             Self::Worker => 1,
         }
+    }
+
+    /// The time (nanoseconds since the epoch) and kind of a `last` word.
+    fn of_last(word: u64) -> (u64, Self) {
+        let kind = if word & 1 == 1 {
+            Self::Worker
+        } else {
+            Self::Request
+        };
+        (word & !1, kind)
     }
 }
 
@@ -263,10 +272,11 @@ impl BusyPoll {
             .last
             .swap(now | (kind.index() as u64), Ordering::SeqCst);
         if last != 0 {
-            let gap = now.saturating_sub(last & !1);
+            let (then, before) = Activity::of_last(last);
+            let gap = now.saturating_sub(then);
             // Activities racing on two threads each apply their gap; the
             // rule is a heuristic, and either order leaves it within bounds.
-            let _ = self.learned[usize::from(last & 1 == 1)].fetch_update(
+            let _ = self.learned[before.index()].fetch_update(
                 Ordering::Relaxed,
                 Ordering::Relaxed,
                 |word| Some(rule.next(Learned::unpack(word), gap).pack()),
@@ -285,9 +295,9 @@ impl BusyPoll {
         if last == 0 {
             return false;
         }
-        let kind = Activity::ALL[usize::from(last & 1 == 1)];
+        let (then, kind) = Activity::of_last(last);
         let window = self.rule().poll_ns(self.learned(kind));
-        window > 0 && self.now_ns().saturating_sub(last & !1) < window
+        window > 0 && self.now_ns().saturating_sub(then) < window
     }
 
     /// One spinner: waits for activity, then spins while it is within the window.
